@@ -1,0 +1,227 @@
+"""Adapters on disk: PEFT's LoRA format (loads with ``PeftModel.from_pretrained``), a single-rank
+export for servers that ignore ``rank_pattern``, and our own loader. Only JSON and safetensors are
+read or written: loading never unpickles.
+
+PEFT layout: ``adapter_config.json`` (``rank_pattern`` per module, ``use_rslora`` so the scale is
+α/√r per layer) and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r).
+``gora.json`` beside them holds the rank map, importances, the config and the versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .layers import GoRALinear, gora_modules, mark_only_adapters_trainable, set_submodule
+from .report import GoRAReport
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+GORA_FILE = "gora.json"
+PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    found = {}
+    for package in ("gora_dist", "torch", "transformers", "peft", "safetensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    """PEFT's task type from the model class, so ``PeftModel.from_pretrained`` picks the right wrapper."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if name.endswith("ForConditionalGeneration") or name.endswith("ForSeq2SeqLM"):
+        return "SEQ_2_SEQ_LM"
+    return None
+
+
+def _base_model_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pattern=True) -> dict:
+    """adapter_config.json for PEFT's LoraConfig. Keys of rank_pattern are regexes: escape the names."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type if task_type is not None else _task_type(model),
+        "base_model_name_or_path": _base_model_name(model),
+        "r": max(ranks.values()),
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "target_modules": list(ranks),
+        "rank_pattern": {re.escape(name): rank for name, rank in ranks.items()} if rank_pattern else {},
+        "alpha_pattern": {},
+        "lora_dropout": dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+
+
+def _write_atomically(directory: str, files: Dict[str, object]) -> None:
+    """Write every file into a temporary folder first, then move each into place (gora.json last).
+
+    A crash mid-write leaves either the old file or the new one at each path, never a torn one.
+    """
+    directory = os.path.abspath(directory)
+    os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".gora-tmp-", dir=os.path.dirname(directory) or ".")
+    try:
+        for filename, content in files.items():
+            path = os.path.join(staging, filename)
+            if isinstance(content, dict) and filename.endswith(".safetensors"):
+                save_file(content, path, metadata={"format": "pt"})
+            else:
+                with open(path, "w") as handle:
+                    json.dump(content, handle, indent=2, sort_keys=False)
+                    handle.write("\n")
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if not os.path.exists(directory):
+            os.replace(staging, directory)
+            return
+        ordered = sorted(files, key=lambda filename: filename == GORA_FILE)
+        for filename in ordered:
+            os.replace(os.path.join(staging, filename), os.path.join(directory, filename))
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _adapters_or_error(model: nn.Module) -> Dict[str, GoRALinear]:
+    adapters = dict(gora_modules(model))
+    if not adapters:
+        raise ValueError("the model has no GoRA adapters: run apply_gora (or load_adapter) first")
+    return adapters
+
+
+def _gora_metadata(adapters, report: Optional[GoRAReport], export: str) -> dict:
+    data = report.to_dict() if report is not None else {"rank_map": {n: m.rank for n, m in adapters.items()}}
+    data.update({"format_version": FORMAT_VERSION, "export": export, "versions": _versions()})
+    data["scaling"] = {name: module.scaling for name, module in adapters.items()}
+    return data
+
+
+def save_adapter(model: nn.Module, path: str, report: Optional[GoRAReport] = None, *, task_type: Optional[str] = None) -> None:
+    """Write the adapters in PEFT's LoRA format plus ``gora.json``.
+
+    All adapters must share α, rsLoRA and dropout (they do when made by one ``apply_gora``).
+    """
+    adapters = _adapters_or_error(model)
+    settings = {(m.alpha, m.use_rslora, getattr(m.dropout, "p", 0.0)) for m in adapters.values()}
+    if len(settings) != 1:
+        raise ValueError(f"adapters differ in (alpha, use_rslora, dropout): {sorted(settings)}; PEFT's format has one")
+    alpha, use_rslora, dropout = settings.pop()
+    ranks = {name: module.rank for name, module in adapters.items()}
+    tensors = {}
+    for name, module in adapters.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().to("cpu", copy=True).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().to("cpu", copy=True).contiguous()
+    config = _peft_config(model, ranks=ranks, alpha=alpha, use_rslora=use_rslora, dropout=dropout, task_type=task_type)
+    _write_atomically(path, {
+        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(adapters, report, "peft"),
+    })
+
+
+def save_uniform_adapter(
+    model: nn.Module, path: str, report: Optional[GoRAReport] = None, *, pad_to_max_rank: bool = False,
+    task_type: Optional[str] = None,
+) -> None:
+    """Export for servers that read one ``r`` and one ``lora_alpha`` (vLLM, SGLang, LoRAX).
+
+    Each layer's scale s_i is folded into its B (B' = s_i·B), and the config says r = lora_alpha =
+    max rank with rsLoRA off, so any reader's global scale α/r is exactly 1. With
+    ``pad_to_max_rank`` every A gets zero rows and every B zero columns up to the max rank (for
+    servers that need one shape); the zeros change no output.
+    """
+    adapters = _adapters_or_error(model)
+    max_rank = max(module.rank for module in adapters.values())
+    tensors = {}
+    for name, module in adapters.items():
+        lora_a = module.lora_A.detach().to("cpu", torch.float32)
+        lora_b = module.lora_B.detach().to("cpu", torch.float32) * module.scaling
+        if pad_to_max_rank and module.rank < max_rank:
+            lora_a = torch.cat([lora_a, lora_a.new_zeros(max_rank - module.rank, lora_a.shape[1])], dim=0)
+            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], max_rank - module.rank)], dim=1)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_b.contiguous()
+    ranks = {name: max_rank for name in adapters}
+    config = _peft_config(
+        model, ranks=ranks, alpha=float(max_rank), use_rslora=False, dropout=0.0, task_type=task_type, rank_pattern=False
+    )
+    _write_atomically(path, {
+        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(adapters, report, "uniform"),
+    })
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:
+    """Put the adapters saved by :func:`save_adapter` into a fresh base model (in place).
+
+    Returns the saved report when there is one. Errors name the module that is missing or whose
+    shape differs, and leave the model untouched.
+    """
+    gora = _read_json(os.path.join(path, GORA_FILE))
+    if gora.get("export") != "peft":
+        raise ValueError(f"{path} holds a {gora.get('export')!r} export; load_adapter reads the PEFT export of save_adapter")
+    peft_config = _read_json(os.path.join(path, CONFIG_FILE))
+    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    alpha, use_rslora = peft_config["lora_alpha"], peft_config.get("use_rslora", False)
+    dropout = peft_config.get("lora_dropout", 0.0)
+
+    checked = []  # validate everything before touching the model
+    for name, rank in gora["rank_map"].items():
+        if rank == 0:
+            continue
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the adapter has module {name}, which this model does not have") from None
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{name} is a {type(base).__name__} in this model, not an nn.Linear")
+        keys = (f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight")
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise ValueError(f"{name}: {WEIGHTS_FILE} lacks {missing}")
+        lora_a, lora_b = tensors[keys[0]], tensors[keys[1]]
+        expected = ((rank, base.in_features), (base.out_features, rank))
+        if (tuple(lora_a.shape), tuple(lora_b.shape)) != expected:
+            raise ValueError(
+                f"{name}: adapter shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit the model's "
+                f"layer {tuple(base.weight.shape)} at rank {rank} (expected A{expected[0]} B{expected[1]})"
+            )
+        checked.append((name, base, rank, lora_a, lora_b))
+
+    for name, base, rank, lora_a, lora_b in checked:
+        adapter = GoRALinear(base, rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout)
+        with torch.no_grad():
+            adapter.lora_A.copy_(lora_a)
+            adapter.lora_B.copy_(lora_b)
+        set_submodule(model, name, adapter)
+    mark_only_adapters_trainable(model)
+    return GoRAReport.from_dict(gora) if "layers" in gora else None

@@ -1,0 +1,118 @@
+"""GoRALinear, and the few free functions that put adapters into a model or fold them out of it."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.nn as nn
+
+from .initialization import rslora_scaling
+
+
+class GoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a low-rank update: y = base(x) + s·(drop(x)·Aᵀ)·Bᵀ.
+
+    ``base`` is the original module, untouched; ``lora_A``: (rank, in), ``lora_B``: (out, rank),
+    both float32 (PEFT's choice for half-precision bases, keeps small updates from rounding away);
+    ``scaling`` = α/√rank with rsLoRA (the paper's runs), else α/rank. The adapters start at zero:
+    GoRA's initialisation (or a checkpoint) fills them.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        *,
+        alpha: float,
+        use_rslora: bool = True,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank={rank}: a GoRALinear needs rank >= 1 (rank 0 means: leave the layer alone)")
+        self.base = base
+        for param in base.parameters():
+            param.requires_grad_(False)
+        self.rank = rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = rslora_scaling(alpha, rank, use_rslora)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=adapter_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=adapter_dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (some model code reads ``.weight.dtype`` of its linear layers)."""
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Call self.base(...) rather than F.linear(x, self.base.weight): engines that shard the
+        # weight (ZeRO-3) gather it in the base module's own forward hooks.
+        result = self.base(x)
+        shrunk = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T
+        return result + (self.scaling * (shrunk @ self.lora_B.T)).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B·A: (out, in) float32, the update this adapter adds to the base weight."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:.4g}"
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``module``."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, module)
+
+
+def gora_modules(model: nn.Module) -> Iterator[Tuple[str, GoRALinear]]:
+    """(name, module) for every GoRALinear in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, GoRALinear):
+            yield name, module
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)} for every adapter, detached."""
+    state = {}
+    for name, module in gora_modules(model):
+        state[f"{name}.lora_A"] = module.lora_A.detach()
+        state[f"{name}.lora_B"] = module.lora_B.detach()
+    return state
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """Freeze every parameter but the adapters' A and B (LoRA training)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, module in gora_modules(model):
+        module.lora_A.requires_grad_(True)
+        module.lora_B.requires_grad_(True)
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W ← W + s·B·A) and put the plain nn.Linear back.
+
+    For serving without adapter support. The merged weight keeps the base dtype, so a bf16 base
+    rounds the update; keep the adapter files if exact outputs matter.
+    """
+    for name, module in list(gora_modules(model)):
+        base = module.base
+        base.weight.add_(module.delta_weight().to(device=base.weight.device, dtype=base.weight.dtype))
+        set_submodule(model, name, base)
+    return model

@@ -1,0 +1,108 @@
+"""What GoRA decided and why: per-layer importance, rank, size and projection error, plus the budget."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .config import GoRAConfig
+
+
+@dataclass
+class LayerReport:
+    """One adapted (or considered) layer. ``shape`` is (out, in) like ``nn.Linear.weight``."""
+
+    name: str
+    shape: Tuple[int, int]
+    importance: float
+    advantage: float
+    rank: int
+    params: int
+    projection_error: Optional[float] = None
+    """‖ΔW0 + γ√(in/r)Ḡ‖/‖γ√(in/r)Ḡ‖: how much of the gradient step A0's row space cannot hold."""
+
+
+@dataclass
+class GoRAReport:
+    """Returned by ``apply_gora``; saved as ``gora.json`` beside the adapter."""
+
+    config: GoRAConfig
+    layers: Dict[str, LayerReport]
+    grad_steps: int
+    """Gradient steps actually averaged (fewer than ``config.grad_steps`` only with adaptive N)."""
+    gamma: float
+    """γ actually used (the chosen one with adaptive γ; 0 if no candidate beat the base loss)."""
+    rank_budget: float
+    """b = Σ f(m_i, n_i)·r_ref in the units of ``config.rank_features``."""
+    param_budget: int
+    """Trainable parameters of plain LoRA at ``rank_ref`` on the same layers."""
+    param_count: int
+    """Trainable parameters GoRA's adapters actually have."""
+    notes: List[str] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+    gamma_search: List[Tuple[float, float]] = field(default_factory=list)
+    """(γ, held-batch loss) pairs tried by adaptive γ; γ=0 first (the base model's loss)."""
+
+    @property
+    def rank_map(self) -> Dict[str, int]:
+        return {name: layer.rank for name, layer in self.layers.items()}
+
+    @property
+    def importance(self) -> Dict[str, float]:
+        return {name: layer.importance for name, layer in self.layers.items()}
+
+    def table(self) -> str:
+        """A plain-text table: one row per layer, then the budget line and any notes."""
+        header = f"{'module':<48} {'out x in':>12} {'importance':>11} {'rank':>5} {'params':>10} {'proj.err':>8}"
+        rows = [header, "-" * len(header)]
+        for layer in self.layers.values():
+            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            error = "-" if layer.projection_error is None else f"{layer.projection_error:.3f}"
+            rows.append(
+                f"{layer.name[-48:]:<48} {shape:>12} {layer.importance:>11.4e} {layer.rank:>5d} "
+                f"{layer.params:>10,d} {error:>8}"
+            )
+        ratio = self.param_count / self.param_budget if self.param_budget else float("nan")
+        rows.append("-" * len(header))
+        rows.append(
+            f"trainable params {self.param_count:,d} vs LoRA at r={self.config.rank_ref}: {self.param_budget:,d}"
+            f" ({ratio:.1%}); gradient steps {self.grad_steps}; gamma {self.gamma:.4g}"
+        )
+        rows.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (for gora.json)."""
+        return {
+            "config": self.config.to_dict(),
+            "rank_map": self.rank_map,
+            "importance": self.importance,
+            "layers": {name: asdict(layer) for name, layer in self.layers.items()},
+            "grad_steps": self.grad_steps,
+            "gamma": self.gamma,
+            "rank_budget": self.rank_budget,
+            "param_budget": self.param_budget,
+            "param_count": self.param_count,
+            "notes": list(self.notes),
+            "timings": dict(self.timings),
+            "gamma_search": [list(pair) for pair in self.gamma_search],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GoRAReport":
+        layers = {}
+        for name, values in data["layers"].items():
+            values = dict(values, shape=tuple(values["shape"]))
+            layers[name] = LayerReport(**values)
+        return cls(
+            config=GoRAConfig.from_dict(data["config"]),
+            layers=layers,
+            grad_steps=data["grad_steps"],
+            gamma=data["gamma"],
+            rank_budget=data["rank_budget"],
+            param_budget=data["param_budget"],
+            param_count=data["param_count"],
+            notes=list(data.get("notes", [])),
+            timings=dict(data.get("timings", {})),
+            gamma_search=[tuple(pair) for pair in data.get("gamma_search", [])],
+        )

@@ -1,0 +1,30 @@
+"""gora_dist: GoRA adapters for DeepSpeed ZeRO-3, FSDP2 and single-process training.
+
+`kernels/` installs as `gora_dist.kernels` (a bare top-level `kernels` would clash with a PyPI package).
+"""
+
+from setuptools import setup
+
+setup(
+    name="gora_dist",
+    version="0.1.0",
+    description="GoRA (gradient-driven adaptive LoRA) with sharding-aware init for DeepSpeed ZeRO-3 and FSDP2",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["gora_dist", "gora_dist.kernels"],
+    package_dir={"gora_dist": "gora_dist", "gora_dist.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "accelerate": ["accelerate>=0.34"],
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=8", "peft>=0.13", "accelerate>=0.34"],
+        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=0.34", "ruff"],
+    },
+)

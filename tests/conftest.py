@@ -1,0 +1,38 @@
+"""Tiny transformers models built from configs (no hub), and batches for them."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 97
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """2 layers, hidden 48, 4 heads of 12, 2 KV heads (k/v are 48→24), MLP 80: odd, unequal shapes."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    return model
+
+
+def lm_batches(count: int, batch_size: int = 2, length: int = 12, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (batch_size, length), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    return batches
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def batches():
+    return lm_batches(6)
