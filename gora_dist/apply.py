@@ -48,8 +48,9 @@ def find_target_modules(model: nn.Module, target_modules) -> Dict[str, nn.Linear
         found[name] = module
     if not found:
         linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        shown = target_modules if isinstance(target_modules, str) else list(target_modules)
         raise ValueError(
-            f"no module matches target_modules={target_modules!r}; the model's nn.Linear modules are named {linear_names}"
+            f"no module matches target_modules={shown!r}; the model's nn.Linear modules are named {linear_names}"
         )
     return found
 

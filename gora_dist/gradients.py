@@ -74,10 +74,10 @@ class GradientAccumulator:
         flags = torch.stack([flag.cpu() for flag in self.nonfinite.values()])
         if bool(flags.any()):
             bad = [name for name, flag in zip(self.nonfinite, flags.tolist()) if flag]
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise ValueError(
-                f"non-finite gradient (NaN or Inf) in {bad[0]}"
-                + (f" (and {len(bad) - 1} other layers)" if len(bad) > 1 else "")
-                + f" at gradient step {self.steps} (1-based): check the batch and the loss scale"
+                f"non-finite gradient (NaN or Inf) at gradient step {self.steps} (1-based) in {shown}: "
+                "check the batch and the loss scale"
             )
 
     def mean(self, name: str) -> torch.Tensor:
