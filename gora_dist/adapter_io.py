@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .layers import GoRALinear, gora_modules, mark_only_adapters_trainable, set_submodule
+from .initialization import rslora_scaling
+from .layers import GoRALinear, gora_modules, install_adapters
 from .report import GoRAReport
 
 CONFIG_FILE = "adapter_config.json"
@@ -116,15 +117,28 @@ def _adapters_or_error(model: nn.Module) -> Dict[str, GoRALinear]:
     return adapters
 
 
-def _gora_metadata(adapters, report: Optional[GoRAReport], export: str) -> dict:
-    data = report.to_dict() if report is not None else {"rank_map": {n: m.rank for n, m in adapters.items()}}
-    data.update({"format_version": FORMAT_VERSION, "export": export, "versions": _versions()})
-    data["scaling"] = {name: module.scaling for name, module in adapters.items()}
+def _gora_metadata(ranks: Dict[str, int], scaling: Dict[str, float], report: Optional[GoRAReport], export: str) -> dict:
+    data = report.to_dict() if report is not None else {"rank_map": dict(ranks)}
+    data.update({"format_version": FORMAT_VERSION, "export": export, "versions": _versions(), "scaling": scaling})
     return data
 
 
+def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, report, task_type) -> None:
+    """weights: {module name: (A (r, in), B (out, r))}. ``model`` only informs the task type and base name."""
+    ranks = {name: lora_a.shape[0] for name, (lora_a, _) in weights.items()}
+    tensors = {}
+    for name, (lora_a, lora_b) in weights.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.detach().to("cpu", copy=True).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_b.detach().to("cpu", copy=True).contiguous()
+    scaling = {name: rslora_scaling(alpha, rank, use_rslora) for name, rank in ranks.items()}
+    config = _peft_config(model, ranks=ranks, alpha=alpha, use_rslora=use_rslora, dropout=dropout, task_type=task_type)
+    _write_atomically(path, {
+        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(ranks, scaling, report, "peft"),
+    })
+
+
 def save_adapter(model: nn.Module, path: str, report: Optional[GoRAReport] = None, *, task_type: Optional[str] = None) -> None:
-    """Write the adapters in PEFT's LoRA format plus ``gora.json``.
+    """Write the model's adapters in PEFT's LoRA format plus ``gora.json``.
 
     All adapters must share α, rsLoRA and dropout (they do when made by one ``apply_gora``).
     """
@@ -133,15 +147,19 @@ def save_adapter(model: nn.Module, path: str, report: Optional[GoRAReport] = Non
     if len(settings) != 1:
         raise ValueError(f"adapters differ in (alpha, use_rslora, dropout): {sorted(settings)}; PEFT's format has one")
     alpha, use_rslora, dropout = settings.pop()
-    ranks = {name: module.rank for name, module in adapters.items()}
-    tensors = {}
-    for name, module in adapters.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().to("cpu", copy=True).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().to("cpu", copy=True).contiguous()
-    config = _peft_config(model, ranks=ranks, alpha=alpha, use_rslora=use_rslora, dropout=dropout, task_type=task_type)
-    _write_atomically(path, {
-        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(adapters, report, "peft"),
-    })
+    weights = {name: (module.lora_A, module.lora_B) for name, module in adapters.items()}
+    _write_peft_adapter(path, model, weights, alpha=alpha, use_rslora=use_rslora, dropout=dropout,
+                        report=report, task_type=task_type)
+
+
+def save_plan(plan, path: str, model: Optional[nn.Module] = None, *, task_type: Optional[str] = None) -> None:
+    """Write a GoRAPlan's initial adapters (A0, B0) in PEFT's format without needing the model's
+    weights: for sharded runs, where no rank holds the full model. ``model`` (optional) names the
+    task type and base model in ``adapter_config.json``."""
+    config = plan.report.config
+    weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
+    _write_peft_adapter(path, model, weights, alpha=config.alpha, use_rslora=config.use_rslora,
+                        dropout=config.dropout, report=plan.report, task_type=task_type)
 
 
 def save_uniform_adapter(
@@ -170,8 +188,9 @@ def save_uniform_adapter(
     config = _peft_config(
         model, ranks=ranks, alpha=float(max_rank), use_rslora=False, dropout=0.0, task_type=task_type, rank_pattern=False
     )
+    scaling = {name: 1.0 for name in adapters}
     _write_atomically(path, {
-        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(adapters, report, "uniform"),
+        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(ranks, scaling, report, "uniform"),
     })
 
 
@@ -191,37 +210,15 @@ def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:
         raise ValueError(f"{path} holds a {gora.get('export')!r} export; load_adapter reads the PEFT export of save_adapter")
     peft_config = _read_json(os.path.join(path, CONFIG_FILE))
     tensors = load_file(os.path.join(path, WEIGHTS_FILE))
-    alpha, use_rslora = peft_config["lora_alpha"], peft_config.get("use_rslora", False)
-    dropout = peft_config.get("lora_dropout", 0.0)
-
-    checked = []  # validate everything before touching the model
+    weights = {}
     for name, rank in gora["rank_map"].items():
         if rank == 0:
             continue
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the adapter has module {name}, which this model does not have") from None
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"{name} is a {type(base).__name__} in this model, not an nn.Linear")
         keys = (f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight")
         missing = [key for key in keys if key not in tensors]
         if missing:
             raise ValueError(f"{name}: {WEIGHTS_FILE} lacks {missing}")
-        lora_a, lora_b = tensors[keys[0]], tensors[keys[1]]
-        expected = ((rank, base.in_features), (base.out_features, rank))
-        if (tuple(lora_a.shape), tuple(lora_b.shape)) != expected:
-            raise ValueError(
-                f"{name}: adapter shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit the model's "
-                f"layer {tuple(base.weight.shape)} at rank {rank} (expected A{expected[0]} B{expected[1]})"
-            )
-        checked.append((name, base, rank, lora_a, lora_b))
-
-    for name, base, rank, lora_a, lora_b in checked:
-        adapter = GoRALinear(base, rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout)
-        with torch.no_grad():
-            adapter.lora_A.copy_(lora_a)
-            adapter.lora_B.copy_(lora_b)
-        set_submodule(model, name, adapter)
-    mark_only_adapters_trainable(model)
+        weights[name] = (tensors[keys[0]], tensors[keys[1]])
+    install_adapters(model, weights, alpha=peft_config["lora_alpha"], use_rslora=peft_config.get("use_rslora", False),
+                     dropout=peft_config.get("lora_dropout", 0.0))
     return GoRAReport.from_dict(gora) if "layers" in gora else None

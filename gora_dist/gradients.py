@@ -1,15 +1,14 @@
-"""Averaged gradients of the target weights, summed in float32 as backward produces them.
+"""The float32 sum of each target weight's gradient over the steps, for the part this rank owns.
 
-Each target weight gets a post-accumulate-grad hook that adds its gradient to a float32 sum and
-frees ``.grad`` at once, so backward never holds more than the gradients in flight and no other
-parameter gets a gradient at all. Every hook runs in the step that produced the gradient (the
-official code flushes one hook late and loses the last layer's final gradient; this does not).
+Engines hand over each owned gradient shard (flat) once per step; it is added to a float32 sum the
+size of that shard: 1/world of the target weights under ZeRO-3 or FSDP2, all of them on one
+process or under DDP. Every step's gradients are checked for NaN/Inf with one flag per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -34,58 +33,38 @@ def gradients_only_for(model: nn.Module, weights: Dict[str, nn.Parameter]) -> It
             param.grad = grad
 
 
-class GradientAccumulator:
-    """Sums of each target weight's gradient over steps, in float32, on the weight's device.
+class ShardedAccumulator:
+    """Float32 sums of owned gradient shards. sizes: {name: elements this rank owns}."""
 
-    Use as a context manager around the backward passes; call :meth:`end_step` after each one.
-    """
-
-    def __init__(self, weights: Dict[str, nn.Parameter]) -> None:
-        self.weights = weights
-        self.sums = {name: torch.zeros_like(weight, dtype=torch.float32) for name, weight in weights.items()}
-        self.nonfinite = {name: torch.zeros((), dtype=torch.bool, device=w.device) for name, w in weights.items()}
+    def __init__(self, sizes: Dict[str, int], device: Optional[torch.device] = None) -> None:
+        self.sums = {name: torch.zeros(size, dtype=torch.float32, device=device) for name, size in sizes.items()}
+        self.nonfinite = {name: torch.zeros((), dtype=torch.bool, device=device) for name in sizes}
         self.steps = 0
-        self._handles: List[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> "GradientAccumulator":
-        for name, weight in self.weights.items():
-            self._handles.append(weight.register_post_accumulate_grad_hook(self._hook(name)))
-        return self
+    def add(self, name: str, flat_grad: torch.Tensor) -> None:
+        """Add one owned gradient shard (any dtype, flat, same length as the sum)."""
+        self.nonfinite[name].logical_or_(~torch.isfinite(flat_grad).all())
+        self.sums[name].add_(flat_grad.to(self.sums[name].device))
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str):
-        total, flag = self.sums[name], self.nonfinite[name]
-
-        def add_and_free(param: torch.Tensor) -> None:
-            grad = param.grad
-            flag.logical_or_(~torch.isfinite(grad).all())
-            total.add_(grad)
-            param.grad = None
-
-        return add_and_free
-
-    def end_step(self) -> None:
-        """Count one finished backward; raise if any gradient of this step had a NaN or Inf."""
+    def end_step(self) -> Optional[str]:
+        """Count one finished backward; describe this step's NaN/Inf gradients, or return None."""
         self.steps += 1
-        flags = torch.stack([flag.cpu() for flag in self.nonfinite.values()])
-        if bool(flags.any()):
-            bad = [name for name, flag in zip(self.nonfinite, flags.tolist()) if flag]
-            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise ValueError(
-                f"non-finite gradient (NaN or Inf) at gradient step {self.steps} (1-based) in {shown}: "
-                "check the batch and the loss scale"
-            )
+        flags = torch.stack([flag.cpu() for flag in self.nonfinite.values()]) if self.nonfinite else torch.zeros(0)
+        if not bool(flags.any()):
+            return None
+        bad = [name for name, flag in zip(self.nonfinite, flags.tolist()) if flag]
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        return f"non-finite gradient (NaN or Inf) at gradient step {self.steps} (1-based) in {shown}: check the batch and the loss scale"
 
     def mean(self, name: str) -> torch.Tensor:
-        """Ḡ of one layer: (out, in) float32, the sum over :attr:`steps` divided by their number."""
+        """The owned part of Ḡ, flat float32: the sum over :attr:`steps` divided by their number."""
         if self.steps == 0:
             raise ValueError("no gradient step has been run")
         return self.sums[name] / self.steps
 
+    def held_elements(self) -> int:
+        return sum(total.numel() for total in self.sums.values())
+
     def release(self, name: str) -> None:
-        """Drop one layer's sum once it has been used (keeps peak memory at one layer's worth)."""
+        """Drop one layer's sum once it has been used (keeps the peak at what is still needed)."""
         self.sums[name] = torch.empty(0)

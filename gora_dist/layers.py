@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -116,3 +116,44 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         base.weight.add_(module.delta_weight().to(device=base.weight.device, dtype=base.weight.dtype))
         set_submodule(model, name, base)
     return model
+
+
+def install_adapters(
+    model: nn.Module,
+    weights: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float,
+    use_rslora: bool = True,
+    dropout: float = 0.0,
+) -> Dict[str, GoRALinear]:
+    """Wrap each named ``nn.Linear`` in a GoRALinear with the given (A (r, in), B (out, r)), then
+    freeze all but the adapters. Every name and shape is checked before the model is touched.
+    On a meta-device base the adapters stay on meta (nothing to copy yet)."""
+    checked = []
+    for name, (lora_a, lora_b) in weights.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the adapter has module {name}, which this model does not have") from None
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{name} is a {type(base).__name__} in this model, not an nn.Linear")
+        rank = lora_a.shape[0]
+        expected = ((rank, base.in_features), (base.out_features, rank))
+        if (tuple(lora_a.shape), tuple(lora_b.shape)) != expected:
+            raise ValueError(
+                f"{name}: adapter shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit the model's "
+                f"layer (out={base.out_features}, in={base.in_features}) at rank {rank} "
+                f"(expected A{expected[0]} B{expected[1]})"
+            )
+        checked.append((name, base, lora_a, lora_b))
+    adapters = {}
+    for name, base, lora_a, lora_b in checked:
+        adapter = GoRALinear(base, lora_a.shape[0], alpha=alpha, use_rslora=use_rslora, dropout=dropout)
+        if adapter.lora_A.device.type != "meta":
+            with torch.no_grad():
+                adapter.lora_A.copy_(lora_a)
+                adapter.lora_B.copy_(lora_b)
+        set_submodule(model, name, adapter)
+        adapters[name] = adapter
+    mark_only_adapters_trainable(model)
+    return adapters

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from conftest import lm_batches, tiny_llama
-from gora_dist import GoRAConfig, GoRALinear, apply_gora, estimate_gradients, find_target_modules, gora_modules
+from gora_dist import GoRAConfig, apply_gora, estimate_gradients, find_target_modules, gora_modules
+from gora_dist.engines import LocalEngine
 from gora_dist.initialization import kaiming_uniform_a
 from gora_dist.kernels import lora_linear_reference
 
@@ -28,6 +29,17 @@ def per_batch_mean_gradient(model, batches, names, dtype=torch.float64):
     return {name: total / len(batches) for name, total in sums.items()}
 
 
+def mean_gradients(model, batches, target_modules, steps):
+    """Ḡ per target layer as (out, in) matrices, from the pipeline's own estimation on one process."""
+    engine = LocalEngine(model, target_modules)
+    try:
+        accumulator, _, _ = estimate_gradients(engine, iter(batches), GoRAConfig(grad_steps=steps))
+    finally:
+        engine.close()
+    means = {name: accumulator.mean(name).view(module.weight.shape) for name, module in engine.targets.items()}
+    return means, accumulator
+
+
 def relative_error(got, expected):
     return float(torch.linalg.norm(got.double() - expected.double()) / torch.linalg.norm(expected.double()))
 
@@ -39,12 +51,11 @@ def parameters_snapshot(model):
 def test_gradient_mean_is_exactly_n_steps_in_fp32_for_every_layer():
     model, batches = tiny_llama(), lm_batches(3)
     targets = find_target_modules(model, ATTENTION)
-    weights = {name: module.weight for name, module in targets.items()}
-    accumulator, _ = estimate_gradients(model, iter(batches), GoRAConfig(grad_steps=3), weights)
+    means, accumulator = mean_gradients(model, batches, ATTENTION, 3)
     reference = per_batch_mean_gradient(model, batches, list(targets))
     assert accumulator.steps == 3
     for name in targets:  # the first layer (last in backward) included: no gradient is dropped
-        mean = accumulator.mean(name)
+        mean = means[name]
         assert mean.dtype == torch.float32
         # 1e-5: float32 model vs float64 reference; dropping one of the 3 gradients would be off by ~30%
         assert relative_error(mean, reference[name]) < 1e-5, name
@@ -54,18 +65,15 @@ def test_gradient_mean_is_exactly_n_steps_in_fp32_for_every_layer():
 
 
 def test_single_step_keeps_the_last_layer_in_backward():
-    model, batches = tiny_llama(), lm_batches(1)
-    weights = {name: m.weight for name, m in find_target_modules(model, ["q_proj"]).items()}
-    accumulator, _ = estimate_gradients(model, iter(batches), GoRAConfig(grad_steps=1), weights)
-    assert torch.count_nonzero(accumulator.mean("model.layers.0.self_attn.q_proj")) > 0
+    means, _ = mean_gradients(tiny_llama(), lm_batches(1), ["q_proj"], 1)
+    assert torch.count_nonzero(means["model.layers.0.self_attn.q_proj"]) > 0
 
 
 def test_bf16_model_accumulates_in_fp32():
     model = tiny_llama(dtype=torch.bfloat16)
     batches = lm_batches(4)
-    weights = {name: m.weight for name, m in find_target_modules(model, ["v_proj"]).items()}
-    accumulator, _ = estimate_gradients(model, iter(batches), GoRAConfig(grad_steps=4), weights)
-    for name in weights:  # reference: the same bf16 gradients, each taken alone, averaged in float64
+    means, accumulator = mean_gradients(model, batches, ["v_proj"], 4)
+    for name in means:  # reference: the same bf16 gradients, each taken alone, averaged in float64
         assert accumulator.sums[name].dtype == torch.float32
         per_batch = []
         for batch in batches:
@@ -73,7 +81,7 @@ def test_bf16_model_accumulates_in_fp32():
             model(**batch).loss.backward()
             per_batch.append(model.get_submodule(name).weight.grad.double())
         exact = torch.stack(per_batch).mean(0)
-        torch.testing.assert_close(accumulator.mean(name).double(), exact, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(means[name].double(), exact, rtol=1e-6, atol=1e-9)
     model.zero_grad()
     report = apply_gora(model, lm_batches(4), GoRAConfig(target_modules=["v_proj"], grad_steps=4))
     for _, module in gora_modules(model):
@@ -308,7 +316,6 @@ def test_existing_gradients_are_kept_and_do_not_leak_in():
     model, batches = tiny_llama(), lm_batches(2)
     q = model.model.layers[0].self_attn.q_proj.weight
     q.grad = torch.full_like(q, 1e3)
-    weights = {"model.layers.0.self_attn.q_proj": q}
-    accumulator, _ = estimate_gradients(model, iter(batches), GoRAConfig(grad_steps=2), weights)
-    assert accumulator.mean("model.layers.0.self_attn.q_proj").abs().max() < 1.0
+    means, _ = mean_gradients(model, batches, ["model.layers.0.self_attn.q_proj"], 2)
+    assert means["model.layers.0.self_attn.q_proj"].abs().max() < 1.0
     assert torch.equal(q.grad, torch.full_like(q, 1e3))

@@ -1,0 +1,47 @@
+"""DDP: every rank owns the full gradient after DDP's all-reduce (the mean over ranks)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..apply_utils import batch_loss, find_target_modules, model_device, to_device
+from ..gradients import gradients_only_for
+from ..shards import FlatShard
+
+
+class DDPEngine:
+    """Wraps the model in DDP after freezing everything but the target weights (DDP decides at
+    construction which parameters it reduces). ``ddp_kwargs`` go to DistributedDataParallel."""
+
+    def __init__(self, model: nn.Module, target_modules, **ddp_kwargs) -> None:
+        self.model = model
+        self.targets = find_target_modules(model, target_modules)
+        self.device = model_device(model)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(gradients_only_for(model, {n: m.weight for n, m in self.targets.items()}))
+        if self.device is not None and self.device.type == "cuda" and "device_ids" not in ddp_kwargs:
+            ddp_kwargs["device_ids"] = [self.device]
+        self.wrapped = DistributedDataParallel(model, **ddp_kwargs)
+
+    def shard(self, name: str) -> FlatShard:
+        return FlatShard.whole(*self.targets[name].weight.shape)
+
+    def local_weight(self, name: str) -> torch.Tensor:
+        return self.targets[name].weight.detach().reshape(-1)
+
+    def loss(self, batch, loss_fn, where: str) -> torch.Tensor:
+        return batch_loss(self.wrapped, to_device(batch, self.device), loss_fn, where)
+
+    def backward(self, loss: torch.Tensor, add) -> None:
+        loss.backward()
+        for name, module in self.targets.items():
+            add(name, module.weight.grad.reshape(-1))
+            module.weight.grad = None
+
+    def close(self) -> None:
+        del self.wrapped
+        self._stack.close()
