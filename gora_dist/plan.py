@@ -206,6 +206,7 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     ranks = _agreed_rank_map(ranks, collective)
 
     adapted = [name for name in names if ranks[name] > 0]
+    accumulator_elements = accumulator.held_elements()
     lora_a = {name: kaiming_uniform_a(ranks[name], shapes[name][1], seed=config.seed, module_name=name) for name in adapted}
     for name in names:
         if name not in lora_a:
@@ -238,7 +239,7 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         config=config, layers=layers, grad_steps=accumulator.steps, gamma=config.gamma,
         rank_budget=rank_budget(shapes, config.rank_ref, config.rank_features),
         param_budget=lora_reference_count(shapes, config.rank_ref), param_count=lora_param_count(shapes, ranks),
-        notes=notes,
+        notes=notes, accumulator_elements=accumulator_elements,
         timings={"gradient_s": gradient_seconds, "init_s": time.perf_counter() - start - gradient_seconds,
                  "bytes_communicated": float(collective.bytes_sent)},
     )

@@ -40,6 +40,10 @@ class GoRAReport:
     """Trainable parameters GoRA's adapters actually have."""
     notes: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    """Seconds of the gradient steps (``gradient_s``) and of everything after (``init_s``), and the
+    payload bytes this rank handed to GoRA's own collectives (``bytes_communicated``)."""
+    accumulator_elements: int = 0
+    """Float32 gradient-sum elements this rank held: its shard of the target weights."""
     gamma_search: List[Tuple[float, float]] = field(default_factory=list)
     """(γ, held-batch loss) pairs tried by adaptive γ; γ=0 first (the base model's loss)."""
 
@@ -85,6 +89,7 @@ class GoRAReport:
             "param_count": self.param_count,
             "notes": list(self.notes),
             "timings": dict(self.timings),
+            "accumulator_elements": self.accumulator_elements,
             "gamma_search": [list(pair) for pair in self.gamma_search],
         }
 
@@ -104,5 +109,6 @@ class GoRAReport:
             param_count=data["param_count"],
             notes=list(data.get("notes", [])),
             timings=dict(data.get("timings", {})),
+            accumulator_elements=int(data.get("accumulator_elements", 0)),
             gamma_search=[tuple(pair) for pair in data.get("gamma_search", [])],
         )

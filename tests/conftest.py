@@ -7,11 +7,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 VOCAB = 97
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """2 layers, hidden 48, 4 heads of 12, 2 KV heads (k/v are 48→24), MLP 80: odd, unequal shapes."""
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, intermediate_size: int = 80) -> LlamaForCausalLM:
+    """2 layers, hidden 48, 4 heads of 12, 2 KV heads (k/v are 48→24), MLP 80: unequal shapes.
+    intermediate_size=75 gives gate/up weights (75×48) whose even flat split cuts a row."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(dtype)

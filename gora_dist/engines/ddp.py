@@ -1,10 +1,13 @@
-"""DDP: every rank owns the full gradient after DDP's all-reduce (the mean over ranks)."""
+"""DDP: every rank has the full gradient after DDP's all-reduce (the mean over ranks). GoRA's
+math must count each element once across ranks, so each rank takes an even flat partition of it
+(as ZeRO-3 would): the float32 sums and the B0 products shrink with the world size too."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,12 +29,18 @@ class DDPEngine:
         if self.device is not None and self.device.type == "cuda" and "device_ids" not in ddp_kwargs:
             ddp_kwargs["device_ids"] = [self.device]
         self.wrapped = DistributedDataParallel(model, **ddp_kwargs)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self._shards = {name: FlatShard.even_partition(rank, world, *m.weight.shape) for name, m in self.targets.items()}
 
     def shard(self, name: str) -> FlatShard:
-        return FlatShard.whole(*self.targets[name].weight.shape)
+        return self._shards[name]
+
+    def _owned(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        shard = self._shards[name]
+        return tensor.reshape(-1)[shard.start:shard.stop]
 
     def local_weight(self, name: str) -> torch.Tensor:
-        return self.targets[name].weight.detach().reshape(-1)
+        return self._owned(name, self.targets[name].weight.detach())
 
     def loss(self, batch, loss_fn, where: str) -> torch.Tensor:
         return batch_loss(self.wrapped, to_device(batch, self.device), loss_fn, where)
@@ -39,7 +48,7 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor, add) -> None:
         loss.backward()
         for name, module in self.targets.items():
-            add(name, module.weight.grad.reshape(-1))
+            add(name, self._owned(name, module.weight.grad))
             module.weight.grad = None
 
     def close(self) -> None:

@@ -1,0 +1,109 @@
+"""Multi-process GoRA on the CPU (gloo): DDP, FSDP2 and DeepSpeed ZeRO-3 give the single-process
+plan for the same global batches, hold 1/world of the gradients, train, and fail together and
+clearly when one rank raises, disagrees or dies. Each case is one torchrun of tests/dist/worker.py."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import lm_batches, tiny_llama
+from gora_dist import apply_gora, gora_modules
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+from worker import CONFIG, GLOBAL_BATCH, GRAD_STEPS  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist", "worker.py")
+TORCHRUN = shutil.which("torchrun") or "torchrun"
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def launch(engine, world, out_dir, mode="ok", timeout=240, gora_timeout=60):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GORA_TIMEOUT=str(gora_timeout))
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", str(world), WORKER, engine, str(out_dir), mode]
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process plan for the same global batches."""
+    model = tiny_llama(intermediate_size=75)
+    report = apply_gora(model, lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), CONFIG)
+    adapters = {name: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for name, m in gora_modules(model)}
+    return report, adapters
+
+
+@pytest.mark.parametrize("engine, world", [("ddp", 2), ("fsdp2", 2), ("fsdp2", 4), ("zero3", 2), ("zero3", 4)])
+def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, reference):
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    result, _ = launch(engine, world, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report, adapters = reference
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+    # the same rank map on every rank, equal to one process's
+    for fact in facts:
+        assert fact["rank_map"] == report.rank_map
+    # the same A0 (bit for bit) and B0 (up to float32 summation order across ranks)
+    tensors = load_file(tmp_path / "plan" / "adapter_model.safetensors")
+    for name, (lora_a, lora_b) in adapters.items():
+        got_a = tensors[f"base_model.model.{name}.lora_A.weight"]
+        got_b = tensors[f"base_model.model.{name}.lora_B.weight"]
+        assert torch.equal(got_a, lora_a), name
+        assert torch.linalg.norm(got_b - lora_b) / torch.linalg.norm(lora_b) < 1e-5, name
+    gora = json.loads((tmp_path / "plan" / "gora.json").read_text())
+    for name, layer in report.layers.items():
+        assert gora["layers"][name]["importance"] == pytest.approx(layer.importance, rel=1e-5)
+        assert gora["layers"][name]["projection_error"] == pytest.approx(layer.projection_error, abs=1e-4)
+
+    # gradient memory: each rank's float32 sums cover its shard only
+    target = facts[0]["target_elements"]
+    held = [fact["held_elements"] for fact in facts]
+    assert sum(held) == target  # the shards tile the weights exactly once (DDP too: each rank sums a slice)
+    assert max(held) <= math.ceil(target / world) + 48 * len(report.layers)  # at most a row per layer over 1/world
+
+    # a few training steps under the same engine: loss goes down, base weights stay
+    for fact in facts:
+        assert fact["losses"][-1] < fact["losses"][0] - 0.1, fact["losses"]
+        assert fact["base_unchanged"]
+
+
+def test_a_rank_that_raises_fails_every_rank_clearly(tmp_path):
+    result, seconds = launch("fsdp2", 2, tmp_path, mode="raise")
+    assert result.returncode != 0
+    assert "GoRADistributedError: gradient step 2 (loss): rank 1: gradient step 2: the model returned no loss" in result.stderr
+    assert result.stderr.count("GoRADistributedError: gradient step 2") >= 2  # rank 0 raised too
+    assert seconds < 120
+
+
+def test_disagreeing_rank_maps_are_an_error_not_a_divergence(tmp_path):
+    result, _ = launch("ddp", 2, tmp_path, mode="disagree")
+    assert result.returncode != 0
+    assert "GoRADistributedError: rank map agreement: rank 1: own rank map differs from rank 0's" in result.stderr
+    assert not (tmp_path / "plan").exists()
+
+
+def test_a_rank_that_dies_does_not_hang_the_others(tmp_path):
+    result, seconds = launch("ddp", 2, tmp_path, mode="die")
+    assert result.returncode != 0
+    assert "exitcode  : -9" in result.stderr or "Signals.SIGKILL" in result.stderr or "SIGKILL" in result.stderr
+    assert seconds < 120
+    assert not (tmp_path / "plan").exists()
+
+
+def test_a_rank_that_vanishes_is_caught_by_goras_own_timeout(tmp_path):
+    result, seconds = launch("ddp", 2, tmp_path, mode="vanish", gora_timeout=5)
+    assert result.returncode != 0
+    assert "GoRADistributedError: rank 0: gradient step 2 (loss): no answer from the other ranks within 5s" in result.stderr
+    assert seconds < 60
