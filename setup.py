@@ -24,7 +24,7 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "accelerate": ["accelerate>=0.34"],
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "peft>=0.13", "accelerate>=0.34"],
-        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=0.34", "ruff"],
+        "test": ["pytest>=8", "peft>=0.13", "accelerate>=0.34", "deepspeed>=0.15"],
+        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=0.34", "deepspeed>=0.15", "ruff"],
     },
 )

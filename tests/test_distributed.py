@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import lm_batches, tiny_llama
 from gora_dist import apply_gora, gora_modules
+from gora_dist.comm_model import gora_collective_bytes
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from worker import CONFIG, GLOBAL_BATCH, GRAD_STEPS  # noqa: E402
@@ -26,8 +27,9 @@ TORCHRUN = shutil.which("torchrun") or "torchrun"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def launch(engine, world, out_dir, mode="ok", timeout=240, gora_timeout=60):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GORA_TIMEOUT=str(gora_timeout))
+def launch(engine, world, out_dir, mode="ok", timeout=240, gora_timeout=60, config=None):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GORA_TIMEOUT=str(gora_timeout),
+               GORA_CONFIG=json.dumps(config or {}))
     command = [TORCHRUN, "--standalone", "--nproc_per_node", str(world), WORKER, engine, str(out_dir), mode]
     started = time.monotonic()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -67,6 +69,11 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
         assert gora["layers"][name]["importance"] == pytest.approx(layer.importance, rel=1e-5)
         assert gora["layers"][name]["projection_error"] == pytest.approx(layer.projection_error, abs=1e-4)
 
+    # the bytes GoRA's own collectives moved are exactly what the communication model predicts
+    shapes = {name: layer.shape for name, layer in report.layers.items()}
+    predicted = gora_collective_bytes(shapes, report.rank_map, world_size=world, steps=report.grad_steps)
+    assert [fact["bytes"] for fact in facts] == [predicted] * world
+
     # gradient memory: each rank's float32 sums cover its shard only
     target = facts[0]["target_elements"]
     held = [fact["held_elements"] for fact in facts]
@@ -77,6 +84,26 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
     for fact in facts:
         assert fact["losses"][-1] < fact["losses"][0] - 0.1, fact["losses"]
         assert fact["base_unchanged"]
+
+
+def test_nuclear_norm_importance_and_adaptive_steps_match_one_process(tmp_path):
+    """The ablation metric gathers one layer at a time; adaptive N all-reduces partial sums per step."""
+    overrides = {"importance": "wg_nuclear", "adaptive_grad_steps": True, "adaptive_min_steps": 2,
+                 "adaptive_threshold": 10.0}
+    result, _ = launch("zero3", 2, tmp_path, config=overrides)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = tiny_llama(intermediate_size=75)
+    config = CONFIG.__class__(**{**CONFIG.to_dict(), **overrides})
+    report = apply_gora(single, lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), config)
+    gora = json.loads((tmp_path / "plan" / "gora.json").read_text())
+    assert gora["grad_steps"] == report.grad_steps == 2  # stopped early, on every rank alike
+    assert gora["rank_map"] == report.rank_map
+    for name, layer in report.layers.items():
+        assert gora["layers"][name]["importance"] == pytest.approx(layer.importance, rel=1e-5)
+    shapes = {name: layer.shape for name, layer in report.layers.items()}
+    predicted = gora_collective_bytes(shapes, report.rank_map, world_size=2, steps=2, importance="wg_nuclear",
+                                      adaptive_steps=True)
+    assert gora["timings"]["bytes_communicated"] == predicted
 
 
 def test_a_rank_that_raises_fails_every_rank_clearly(tmp_path):
