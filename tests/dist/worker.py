@@ -125,6 +125,7 @@ def train(engine, model, plan, rank, world, steps=5):
         with deepspeed.zero.GatheredParameters(params):
             unchanged = all(torch.equal(p.detach(), reference.get_parameter(n.replace(".base.", ".")))
                             for n, p in zip(names, params) if ".lora_" not in n)
+        runner.destroy()
         return losses, unchanged
 
     if engine == "fsdp2":
