@@ -1,0 +1,1 @@
+"""The training launcher behind ``launch/train.py`` (config, data, models, engines, checkpoints)."""

@@ -1,0 +1,104 @@
+"""Checkpoints that survive kill -9 and load at any world size.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNN`` with the adapter in PEFT format (plus
+``gora.json``: rank map, config, step), ``optimizer.safetensors`` (full AdamW moments per adapter
+parameter, gathered through each engine's own API) and ``trainer_state.json``. Rank 0 writes it
+into a temporary folder, fsyncs, renames it into place, then points ``checkpoints/latest`` at it
+with an atomic replace: a crash at any moment leaves the previous checkpoint intact and ``latest``
+naming a complete one. Only JSON and safetensors are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..adapter_io import save_plan
+from ..plan import GoRAPlan
+
+LATEST = "latest"
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _fsync_tree(folder: str) -> None:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_checkpoint(output_dir: str, step: int, plan: GoRAPlan, optimizer_state: Dict[str, torch.Tensor],
+                     trainer_state: dict, keep: int = 2) -> str:
+    """Rank 0 only. plan: the adapters' current A/B in a GoRAPlan (report carries rank map and config)."""
+    root = checkpoint_root(output_dir)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+    staging = tempfile.mkdtemp(prefix=".tmp-step-", dir=root)
+    try:
+        adapter_dir = os.path.join(staging, "adapter")
+        save_plan(plan, adapter_dir)
+        save_file({key: value.contiguous() for key, value in optimizer_state.items()},
+                  os.path.join(staging, "optimizer.safetensors"))
+        with open(os.path.join(staging, "trainer_state.json"), "w") as handle:
+            json.dump({**trainer_state, "step": step}, handle, indent=2)
+        _fsync_tree(staging)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pointer = os.path.join(root, f".{LATEST}.tmp")
+    with open(pointer, "w") as handle:
+        handle.write(os.path.basename(final))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(pointer, os.path.join(root, LATEST))
+    _prune(root, keep, keep_name=os.path.basename(final))
+    return final
+
+
+def _prune(root: str, keep: int, keep_name: str) -> None:
+    steps = sorted(name for name in os.listdir(root) if name.startswith("step-"))
+    for name in steps[:-keep] if keep > 0 else []:
+        if name != keep_name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for name in os.listdir(root):  # staging folders of writes that were killed
+        if name.startswith(".tmp-step-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    pointer = os.path.join(checkpoint_root(output_dir), LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as handle:
+        path = os.path.join(checkpoint_root(output_dir), handle.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def read_checkpoint(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor]], Dict[str, torch.Tensor], dict]:
+    """(gora.json, {module: (A, B)}, optimizer tensors, trainer_state)."""
+    adapter_dir = os.path.join(path, "adapter")
+    with open(os.path.join(adapter_dir, "gora.json")) as handle:
+        gora = json.load(handle)
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    weights = {}
+    for name, rank in gora["rank_map"].items():
+        if rank:
+            weights[name] = (tensors[f"base_model.model.{name}.lora_A.weight"],
+                             tensors[f"base_model.model.{name}.lora_B.weight"])
+    optimizer = load_file(os.path.join(path, "optimizer.safetensors"))
+    with open(os.path.join(path, "trainer_state.json")) as handle:
+        state = json.load(handle)
+    return gora, weights, optimizer, state

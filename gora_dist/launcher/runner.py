@@ -1,0 +1,318 @@
+"""The launcher's run: distributed setup → data → GoRA plan (or resume) → training under the engine
+→ checkpoints → final adapter and metrics. ``launch/train.py`` calls :func:`main`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..adapter_io import save_plan
+from ..plan import GoRAPlan, apply_plan
+from ..report import GoRAReport
+from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from .config import TrainConfig, load_config
+from .data import global_batch_indices, load_examples, rank_micro_batches, split_examples
+from .models import load_model
+
+ESTIMATION_ENGINE = {"local": "local", "ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3", "zero2": "ddp"}
+
+
+@dataclasses.dataclass
+class Setup:
+    engine: str
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _strip_launcher_arguments(argv: List[str]) -> tuple:
+    """The deepspeed launcher appends ``--local_rank=N``: drop it, and remember who launched us."""
+    kept = [a for a in argv if not a.startswith("--local_rank")]
+    return kept, len(kept) != len(argv)
+
+
+def setup_distributed(config: TrainConfig, by_deepspeed: bool) -> Setup:
+    """Pick the engine, start the process group (gloo on the CPU, nccl on GPUs) if one is needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    engine = config.engine
+    if engine == "auto":
+        engine = "zero3" if by_deepspeed else ("ddp" if world > 1 else "local")
+    if engine == "local" and world > 1:
+        raise ValueError(f"engine=local with WORLD_SIZE={world}: pick ddp, fsdp2, zero3 or zero2 for several processes")
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if engine == "local":
+        return Setup(engine, 0, 1, device)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    timeout = timedelta(seconds=config.timeout_s)
+    backend = "nccl" if cuda else "gloo"
+    if engine in ("zero3", "zero2"):
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError:
+            raise ValueError(f"engine={engine} needs DeepSpeed: pip install deepspeed") from None
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    return Setup(engine, dist.get_rank(), dist.get_world_size(), device)
+
+
+def deepspeed_config(config: TrainConfig, stage: int, micro: int, accumulation: int, world: int) -> dict:
+    """The user's DeepSpeed JSON (if any) with our stage, batch sizes and precision."""
+    base = {}
+    if config.ds_config:
+        with open(config.ds_config) as handle:
+            base = json.load(handle)
+    base.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation,
+                train_batch_size=micro * accumulation * world, zero_allow_untested_optimizer=True,
+                steps_per_print=2**31 - 1)
+    base.setdefault("zero_optimization", {})["stage"] = stage
+    if config.precision == "bf16":
+        base["bf16"] = {"enabled": True}
+    return base
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def _all_mean(value: float, setup: Setup) -> float:
+    if setup.world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=setup.device if setup.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor)
+    return float(tensor) / setup.world
+
+
+def evaluate(trainer, encoder, examples, setup: Setup, micro: int) -> float:
+    """Accuracy of the label-token choice; every rank runs the same number of batches (padded)."""
+    mine = examples[setup.rank::setup.world]
+    batches = math.ceil(math.ceil(len(examples) / setup.world) / micro)
+    correct = 0.0
+    for index in range(batches):
+        chunk = mine[index * micro:(index + 1) * micro]
+        real = len(chunk)
+        chunk = chunk + [examples[0]] * (micro - real)
+        inputs, labels = encoder.prompt_batch(chunk)
+        logits = trainer.logits(_to(inputs, setup.device))
+        choice = logits[:, list(encoder.label_ids)].argmax(-1).cpu()
+        correct += float((choice[:real] == labels[:real]).sum())
+    total = torch.tensor([correct], dtype=torch.float64, device=setup.device if setup.device.type == "cuda" else "cpu")
+    if setup.world > 1:
+        dist.all_reduce(total)
+    return float(total) / len(examples)
+
+
+def _estimation_batches(train, encoder, config, setup, micro, progress):
+    stream = global_batch_indices(len(train), config.global_batch_size, config.seed, stream=1)
+    steps = config.gora_config().grad_steps
+    bar = _progress(None, progress, total=steps, desc="GoRA gradient estimation", unit="batch") if progress else None
+    for _ in range(steps):
+        micro_batches = rank_micro_batches(next(stream), setup.rank, setup.world, micro)
+        for index, indices in enumerate(micro_batches):
+            if bar is not None and index == len(micro_batches) - 1:
+                bar.update(1)  # counted when its last micro-batch is handed over
+                if bar.n == steps:
+                    bar.close()
+            yield encoder.batch([train[i] for i in indices])
+
+
+def _check_resume(gora: dict, state: dict, config: TrainConfig, path: str) -> None:
+    saved_targets = gora["config"]["target_modules"]
+    wanted = config.gora_config().to_dict()["target_modules"]
+    problems = []
+    if state.get("model") != config.model:
+        problems.append(f"model {state.get('model')!r} there, {config.model!r} here")
+    if saved_targets != wanted:
+        problems.append(f"target_modules {saved_targets} there, {wanted} here")
+    if problems:
+        raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
+
+
+def run(config: TrainConfig, setup: Setup) -> dict:
+    out = config.output_dir
+    if setup.main:
+        os.makedirs(out, exist_ok=True)
+    say = print if setup.main else (lambda *a, **k: None)
+    started = time.perf_counter()
+
+    model, encoder = load_model(config.model, precision=config.precision, max_length=config.max_length)
+    if setup.engine in ("local", "ddp", "zero2"):
+        model.to(setup.device)
+    train, evaluation = split_examples(load_examples(config.data), config.train_examples, config.eval_examples)
+    micro = config.micro_batch_size or config.global_batch_size // setup.world
+    if micro < 1 or config.global_batch_size % (micro * setup.world):
+        raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of micro_batch_size={micro} "
+                         f"x world size {setup.world}")
+    accumulation = config.global_batch_size // (micro * setup.world)
+    gora = config.gora_config()
+    ds_stage = {"zero3": 3, "zero2": 2}.get(setup.engine)
+
+    start_step, optimizer_tensors, metrics = 0, None, {"config": config.to_dict(), "world_size": setup.world}
+    if config.resume:
+        path = latest_checkpoint(out)
+        if path is None:
+            raise ValueError(f"--resume: no complete checkpoint under {out}/checkpoints")
+        saved, weights, optimizer_tensors, state = read_checkpoint(path)
+        _check_resume(saved, state, config, path)
+        report = GoRAReport.from_dict(saved)
+        plan = GoRAPlan(report, {n: w[0] for n, w in weights.items()}, {n: w[1] for n, w in weights.items()})
+        start_step = state["step"]
+        say(f"resuming from {path} at step {start_step} (world size {state.get('world_size')} -> {setup.world})")
+    else:
+        needed = gora.grad_steps * config.global_batch_size
+        if len(train) < needed:
+            raise ValueError(f"{len(train)} training examples are too few for gora.grad_steps={gora.grad_steps} x "
+                             f"global_batch_size={config.global_batch_size} = {needed}")
+        from ..distributed import estimate_plan
+
+        estimation = dataclasses.replace(gora, grad_steps=gora.grad_steps * accumulation)
+        batches = _estimation_batches(train, encoder, config, setup, micro, setup.main)
+        extra = {"ds_config": deepspeed_config(config, 3, micro, 1, setup.world)} if ESTIMATION_ENGINE[setup.engine] == "zero3" else {}
+        plan = estimate_plan(model, batches, estimation, engine=ESTIMATION_ENGINE[setup.engine],
+                             timeout_s=config.timeout_s, **extra)
+        plan.report.config = gora
+        plan.report.notes.append(f"{plan.report.grad_steps} backward passes = {gora.grad_steps} global batches "
+                                 f"of {config.global_batch_size} ({accumulation} micro-batches of {micro} per rank)")
+        if setup.main:
+            save_plan(plan, os.path.join(out, "init"), model)
+            say(plan.report.table())
+            from .plot import plot_rank_map
+
+            plot_rank_map(plan.report, os.path.join(out, "rank_map.png"), title=config.model)
+        metrics["init"] = dict(plan.report.timings)
+        if config.init_only:
+            say(f"init-only: initial adapter in {os.path.join(out, 'init')}")
+            return metrics
+
+    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume)
+    try:
+        if optimizer_tensors is not None:
+            trainer.load_optimizer_state(optimizer_tensors, start_step)
+        if start_step == 0:
+            metrics["accuracy_before"] = evaluate(trainer, encoder, evaluation, setup, micro)
+            say(f"accuracy before training: {metrics['accuracy_before']:.3f}")
+        stream = global_batch_indices(len(train), config.global_batch_size, config.seed, stream=0)
+        for _ in range(start_step):
+            next(stream)
+        losses = []
+        bar = _progress(range(start_step, config.steps), setup.main, desc="training", unit="step")
+        for step in bar:
+            micro_losses = [trainer.micro_step(_to(encoder.batch([train[i] for i in indices]), setup.device), accumulation)
+                            for indices in rank_micro_batches(next(stream), setup.rank, setup.world, micro)]
+            trainer.optimizer_step()
+            loss = _all_mean(sum(micro_losses) / len(micro_losses), setup)
+            losses.append(loss)
+            if setup.main and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss:.4f}")
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                say(f"step {done}: accuracy {evaluate(trainer, encoder, evaluation, setup, micro):.3f}")
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                _checkpoint(trainer, plan, config, setup, done)
+        metrics["losses"] = losses
+        metrics["accuracy_after"] = evaluate(trainer, encoder, evaluation, setup, micro)
+        final = _current_plan(trainer, plan)
+        if setup.main:
+            save_plan(final, os.path.join(out, "adapter"), model)
+            metrics["wall_s"] = time.perf_counter() - started
+            with open(os.path.join(out, "metrics.json"), "w") as handle:
+                json.dump(metrics, handle, indent=2)
+        say(f"accuracy after training: {metrics['accuracy_after']:.3f}; adapter in {os.path.join(out, 'adapter')}")
+    finally:
+        trainer.close()
+    return metrics
+
+
+def _current_plan(trainer, plan: GoRAPlan) -> GoRAPlan:
+    adapters = trainer.full_adapters()
+    return GoRAPlan(plan.report, {n: a for n, (a, _) in adapters.items()}, {n: b for n, (_, b) in adapters.items()})
+
+
+def _checkpoint(trainer, plan, config: TrainConfig, setup: Setup, step: int) -> None:
+    current = _current_plan(trainer, plan)
+    optimizer_state = trainer.full_optimizer_state()
+    if setup.main:
+        write_checkpoint(config.output_dir, step, current, optimizer_state,
+                         {"model": config.model, "world_size": setup.world, "config": config.to_dict()},
+                         keep=config.keep_checkpoints)
+    if setup.world > 1:
+        dist.barrier()
+
+
+def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: int, accumulation: int,
+              ds_stage: Optional[int], fresh_base: bool):
+    """Put the plan's adapters into a model wrapped for training by the engine."""
+    from .training import DeepSpeedTraining, TorchTraining
+
+    if setup.engine == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from ..engines.fsdp2 import default_shard_modules
+
+        if not fresh_base:  # the estimation model stays sharded: build the training model afresh
+            model, _ = load_model(config.model, precision=config.precision, max_length=config.max_length)
+        apply_plan(model, plan)
+        model.to(setup.device)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if config.precision == "bf16" else MixedPrecisionPolicy()
+        for block in default_shard_modules(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return TorchTraining(model, model, config, setup.device)
+    apply_plan(model, plan)
+    if ds_stage is not None:
+        return DeepSpeedTraining(model, config, deepspeed_config(config, ds_stage, micro, accumulation, setup.world))
+    if setup.engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[setup.device] if setup.device.type == "cuda" else None)
+        return TorchTraining(model, runner, config, setup.device)
+    return TorchTraining(model, model, config, setup.device)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    arguments, by_deepspeed = _strip_launcher_arguments(sys.argv[1:] if argv is None else list(argv))
+    config = load_config(arguments)
+    setup = setup_distributed(config, by_deepspeed)
+    try:
+        run(config, setup)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,165 @@
+"""Training the adapters under each engine, behind one small interface used by the launcher:
+``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``,
+``full_adapters()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
+The "full_*" methods are collectives: every rank calls them, and every rank gets full tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adapter_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if ".lora_A" in name or ".lora_B" in name]
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine or linear decay to ``min_lr_ratio`` at the last step (or constant)."""
+    warmup = max(1, int(round(config.warmup_ratio * config.steps))) if config.warmup_ratio > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_schedule == "cosine" else 1 - progress
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
+
+
+def make_optimizer(named: List[Tuple[str, nn.Parameter]], config: TrainConfig):
+    """AdamW with LoRA+ groups (B at lr × loraplus_lr_ratio) and the launcher's schedule."""
+    groups = [
+        {"params": [p for n, p in named if ".lora_A" in n], "lr": config.lr, "name": "lora_A"},
+        {"params": [p for n, p in named if ".lora_B" in n], "lr": config.lr * config.loraplus_lr_ratio, "name": "lora_B"},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    return optimizer, scheduler
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().to("cpu", torch.float32)
+
+
+class TorchTraining:
+    """One process, DDP or FSDP2: a torch optimizer over the (possibly DTensor) adapter parameters."""
+
+    def __init__(self, model: nn.Module, runner: nn.Module, config: TrainConfig, device: torch.device) -> None:
+        self.model, self.runner, self.device = model, runner, device
+        self.named = adapter_parameters(model)
+        self.optimizer, self.scheduler = make_optimizer(self.named, config)
+
+    def micro_step(self, batch: dict, accumulation: int) -> float:
+        loss = self.runner(**batch).loss
+        (loss / accumulation).backward()
+        return float(loss.detach())
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def logits(self, inputs: dict) -> torch.Tensor:
+        return self.runner(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    def full_adapters(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        tensors = {name: _full(p) for name, p in self.named}
+        modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors})
+        return {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+
+    def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
+        state = {}
+        for name, param in self.named:
+            entry = self.optimizer.state.get(param, {})
+            for key in MOMENTS:
+                if key in entry:
+                    state[f"{name}/{key}"] = _full(entry[key])
+        return state
+
+    def load_optimizer_state(self, tensors: Dict[str, torch.Tensor], step: int) -> None:
+        for name, param in self.named:
+            entry = {"step": torch.tensor(float(step))}
+            for key in MOMENTS:
+                full = tensors[f"{name}/{key}"]
+                if hasattr(param, "device_mesh"):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    entry[key] = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh,
+                                                   param.placements, src_data_rank=None)
+                else:
+                    entry[key] = full.to(param.device, param.dtype).clone()
+            self.optimizer.state[param] = entry
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()  # sets each group's lr for ``step``
+
+    def close(self) -> None:
+        pass
+
+
+class DeepSpeedTraining:
+    """ZeRO-2/3: deepspeed.initialize over the adapters; full tensors through DeepSpeed's own
+    ``safe_get_full_*`` / ``safe_set_full_optimizer_state`` (collectives under ZeRO-3)."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, ds_config: dict) -> None:
+        import deepspeed
+
+        self.model = model
+        self.named = adapter_parameters(model)
+        optimizer, scheduler = make_optimizer(self.named, config)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.device = self.engine.device
+
+    def micro_step(self, batch: dict, accumulation: int) -> float:
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed steps the optimizer at its accumulation boundary only
+        return float(loss.detach())
+
+    def optimizer_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def logits(self, inputs: dict) -> torch.Tensor:
+        return self.engine(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    def full_adapters(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        tensors = {name: safe_get_full_fp32_param(p).detach().to("cpu", torch.float32) for name, p in self.named}
+        modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors})
+        return {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+
+    def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        state = {}
+        for name, param in self.named:
+            for key in MOMENTS:
+                value = safe_get_full_optimizer_state(param, key)
+                if value is not None:
+                    state[f"{name}/{key}"] = value.detach().to("cpu", torch.float32)
+        return state
+
+    def load_optimizer_state(self, tensors: Dict[str, torch.Tensor], step: int) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for name, param in self.named:
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, tensors[f"{name}/{key}"].to(self.device), key)
+        for entry in self.optimizer.optimizer.state.values():  # every parameter has taken ``step`` steps
+            if "step" in entry:
+                entry["step"] = torch.tensor(float(step)) if torch.is_tensor(entry["step"]) else step
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()
+
+    def close(self) -> None:
+        self.engine.destroy()  # without it DeepSpeed sometimes aborts at interpreter shutdown

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Fine-tune a causal LM with GoRA: gradient estimation → rank map → init → training → adapters.
+
+With no arguments it runs the embedded job on the CPU in a few minutes: SmolLM2-135M-Instruct
+(packaged GGUF) learns movie-review sentiment (packaged data) as next-token prediction.
+
+    python launch/train.py                                   # one process, embedded default
+    python launch/train.py my.yaml --steps 200 --gora.rank_max 64
+    torchrun --nproc_per_node 8 launch/train.py --engine fsdp2 [--engine ddp]
+    deepspeed --num_gpus 8 launch/train.py                    # ZeRO-3 (engine auto under deepspeed)
+    deepspeed --num_gpus 8 launch/train.py --engine zero2
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py # CPU, gloo
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 launch/train.py --engine fsdp2
+    deepspeed --hostfile hosts.txt launch/train.py
+    python launch/train.py --init-only --output-dir out/      # stop after init, save the adapter
+    python launch/train.py --resume --output-dir out/         # continue from out/checkpoints/latest
+
+Every option: gora_dist/launcher/config.py (TrainConfig; GoRA's as --gora.<field>).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout too
+
+from gora_dist.launcher.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
