@@ -44,6 +44,14 @@ def make_optimizer(named: List[Tuple[str, nn.Parameter]], config: TrainConfig):
     return optimizer, scheduler
 
 
+def set_schedule_step(optimizer, scheduler, step: int) -> None:
+    """Put a LambdaLR (and its optimizer's learning rates) where it is after ``step`` optimizer steps."""
+    scheduler.last_epoch = step
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().to("cpu", torch.float32)
 
@@ -97,8 +105,7 @@ class TorchTraining:
                 else:
                     entry[key] = full.to(param.device, param.dtype).clone()
             self.optimizer.state[param] = entry
-        self.scheduler.last_epoch = step - 1
-        self.scheduler.step()  # sets each group's lr for ``step``
+        set_schedule_step(self.optimizer, self.scheduler, step)
 
     def close(self) -> None:
         pass
@@ -158,8 +165,7 @@ class DeepSpeedTraining:
         for entry in self.optimizer.optimizer.state.values():  # every parameter has taken ``step`` steps
             if "step" in entry:
                 entry["step"] = torch.tensor(float(step)) if torch.is_tensor(entry["step"]) else step
-        self.scheduler.last_epoch = step - 1
-        self.scheduler.step()
+        set_schedule_step(self.optimizer, self.scheduler, step)
 
     def close(self) -> None:
         self.engine.destroy()  # without it DeepSpeed sometimes aborts at interpreter shutdown

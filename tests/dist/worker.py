@@ -99,8 +99,8 @@ def main():
         json.dump(facts, handle)
     dist.barrier()
     dist.destroy_process_group()
-    # Skip interpreter-shutdown destructors: about one run in twenty here aborted in them
-    # ("terminate called without an active exception", gloo, torch 2.13) after all work was done.
+    # Skip interpreter finalisation: a gloo worker thread decref'ing a finished all-gather while
+    # Python finalises aborts the process (see launch/train.py for the backtrace).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

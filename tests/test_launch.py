@@ -1,0 +1,213 @@
+"""launch/train.py end to end on the CPU with a random tiny Llama and synthetic sentiment data:
+config errors, a local run whose adapter PEFT loads, --init-only equal at world sizes 1 and 2,
+kill -9 then --resume reaching the same final adapter, FSDP2 under torchrun and ZeRO-3 under
+the deepspeed launcher, and the bad inputs the launcher must name."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gora_dist import load_adapter
+from gora_dist.launcher import checkpoint as ckpt
+from gora_dist.launcher.config import load_config
+from gora_dist.launcher.models import load_model
+from gora_dist.launcher.runner import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """400 synthetic reviews: three sentiment words and three fillers; label = which word list."""
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    rng = random.Random(0)
+    positive, negative = "good great lovely superb fine wonderful".split(), "bad awful poor dull boring terrible".split()
+    with open(path, "w") as handle:
+        for index in range(400):
+            label = index % 2
+            words = rng.choices(positive if label else negative, k=3) + rng.choices("the a film plot was it".split(), k=3)
+            rng.shuffle(words)
+            handle.write(json.dumps({"text": " ".join(words), "label": "positive" if label else "negative"}) + "\n")
+    return str(path)
+
+
+def arguments(data, out, *extra, steps=10):
+    return ["--model", "tiny-llama", "--data", data, "--output-dir", str(out), "--steps", str(steps),
+            "--train-examples", "300", "--eval-examples", "64", "--lr", "3e-3", "--gora.grad_steps", "4", *extra]
+
+
+def launch(launcher, world, args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    if launcher == "torchrun":
+        command = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", str(world), TRAIN, *args]
+    elif launcher == "deepspeed":
+        command = [shutil.which("deepspeed"), "--num_gpus", str(world), "--master_port", str(29500 + os.getpid() % 1000),
+                   TRAIN, *args]
+    else:
+        command = [sys.executable, TRAIN, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def adapter_tensors(out, name="adapter"):
+    return load_file(os.path.join(out, name, "adapter_model.safetensors"))
+
+
+def logits_with(adapter_dir, use_peft):
+    model, encoder = load_model("tiny-llama", precision="fp32", max_length=64)
+    if use_peft:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    else:
+        load_adapter(model, adapter_dir)
+    inputs, _ = encoder.prompt_batch([("good film", 1), ("awful plot it was", 0)])
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+def test_unknown_option_suggests_the_closest():
+    with pytest.raises(ValueError, match=r"unknown option 'gora.rank_mx'; did you mean 'gora.rank_max'\?"):
+        load_config(["--gora.rank_mx", "8"])
+    with pytest.raises(ValueError, match=r"unknown option 'stpes'; did you mean 'steps'\?"):
+        load_config(["--stpes", "8"])
+    with pytest.raises(ValueError, match=r"engine='zero4' is not one of"):
+        load_config(["--engine", "zero4"])
+    with pytest.raises(ValueError, match=r"rank_min=9 > rank_max=8"):
+        load_config(["--gora.rank_min", "9", "--gora.rank_max", "8"])
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 7\nlr: 0.01\ngora:\n  rank_max: 12\n  target_modules: [q_proj, v_proj]\n")
+    config = load_config([str(path), "--steps", "9", "--gora.gamma", "0.08", "--init-only"])
+    assert (config.steps, config.lr, config.init_only) == (9, 0.01, True)
+    gora = config.gora_config()
+    assert (gora.rank_max, gora.gamma, gora.target_modules) == (12, 0.08, ("q_proj", "v_proj"))
+    (tmp_path / "bad.json").write_text(json.dumps({"gora": {"rankmax": 3}}))
+    with pytest.raises(ValueError, match="did you mean 'gora.rank_max'"):
+        load_config([str(tmp_path / "bad.json")])
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+def test_local_run_trains_and_peft_loads_the_adapter(data, tmp_path):
+    main(arguments(data, tmp_path, "--checkpoint-every", "5"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.1
+    assert sum(metrics["losses"][-3:]) < sum(metrics["losses"][:3])
+    for name in ("init", "adapter"):
+        assert sorted(os.listdir(tmp_path / name)) == ["adapter_config.json", "adapter_model.safetensors", "gora.json"]
+    assert (tmp_path / "rank_map.png").stat().st_size > 10_000
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000005"
+    torch.testing.assert_close(logits_with(tmp_path / "adapter", True), logits_with(tmp_path / "adapter", False),
+                               rtol=0, atol=1e-6)
+    gora = json.loads((tmp_path / "adapter" / "gora.json").read_text())
+    assert len(set(gora["rank_map"].values())) > 1
+
+
+def test_init_only_gives_the_same_adapter_at_world_sizes_1_and_2(data, tmp_path):
+    main(arguments(data, tmp_path / "one", "--init-only"))
+    result = launch("torchrun", 2, arguments(data, tmp_path / "two", "--init-only", "--engine", "ddp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "two" / "adapter").exists()
+    one, two = adapter_tensors(tmp_path / "one", "init"), adapter_tensors(tmp_path / "two", "init")
+    assert one.keys() == two.keys()
+    for key in one:
+        if "lora_A" in key:
+            assert torch.equal(one[key], two[key]), key
+        else:  # float32 summation order differs across ranks
+            assert torch.linalg.norm(one[key] - two[key]) / torch.linalg.norm(one[key]) < 1e-5, key
+
+
+def test_kill_9_then_resume_reaches_the_uninterrupted_adapter(data, tmp_path):
+    run = arguments(data, tmp_path / "straight", "--checkpoint-every", "40", steps=240)
+    main(run)
+    killed = arguments(data, tmp_path / "killed", "--checkpoint-every", "40", steps=240)
+    process = subprocess.Popen([sys.executable, TRAIN, *killed], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "adapter").exists()
+    main(killed + ["--resume"])
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)  # same data order, same state
+
+    # the same checkpoint resumed at another world size: same data, only summation order differs
+    shutil.rmtree(tmp_path / "killed" / "adapter")
+    result = launch("torchrun", 2, killed + ["--resume", "--engine", "ddp"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(world size 1 -> 2)" in result.stdout
+    other = adapter_tensors(tmp_path / "killed")
+    for key in straight:
+        assert torch.linalg.norm(other[key] - straight[key]) / torch.linalg.norm(straight[key]) < 1e-4, key
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(data, tmp_path, monkeypatch):
+    main(arguments(data, tmp_path, "--checkpoint-every", "5", steps=6))
+    before = ckpt.latest_checkpoint(str(tmp_path))
+    gora, weights, optimizer, state = ckpt.read_checkpoint(before)
+    from gora_dist.plan import GoRAPlan
+    from gora_dist.report import GoRAReport
+
+    plan = GoRAPlan(GoRAReport.from_dict(gora), {n: w[0] for n, w in weights.items()}, {n: w[1] for n, w in weights.items()})
+
+    def crash(*args, **kwargs):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="killed mid-write"):
+        ckpt.write_checkpoint(str(tmp_path), 10, plan, optimizer, state)
+    assert ckpt.latest_checkpoint(str(tmp_path)) == before
+    assert ckpt.read_checkpoint(before)[3]["step"] == 5
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
+def test_sharded_engines_under_their_launchers(data, tmp_path, launcher, engine):
+    if launcher == "deepspeed":
+        pytest.importorskip("deepspeed")
+    result = launch(launcher, 2, arguments(data, tmp_path, "--engine", engine, "--checkpoint-every", "5"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.1
+    torch.testing.assert_close(logits_with(tmp_path / "adapter", True), logits_with(tmp_path / "adapter", False),
+                               rtol=0, atol=1e-6)
+    assert (tmp_path / "checkpoints" / "latest").exists()
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+def test_too_little_data_for_the_gradient_steps(data, tmp_path):
+    with pytest.raises(ValueError, match=r"300 training examples are too few for gora.grad_steps=40 x global_batch_size=8"):
+        main(arguments(data, tmp_path, "--gora.grad_steps", "40"))
+
+
+def test_no_target_module_in_the_model(data, tmp_path):
+    with pytest.raises(ValueError, match=r"no module matches target_modules=\['qkv_proj'\]"):
+        main(arguments(data, tmp_path, "--gora.target_modules", '["qkv_proj"]', "--init-only"))
+
+
+def test_resume_with_other_target_modules_is_refused(data, tmp_path):
+    main(arguments(data, tmp_path, "--checkpoint-every", "3", steps=4))
+    with pytest.raises(ValueError, match=r"cannot resume from .*step-000003: target_modules \[.*\] there, \['q_proj'\] here"):
+        main(arguments(data, tmp_path, "--resume", "--gora.target_modules", '["q_proj"]', steps=4))
+    with pytest.raises(ValueError, match=r"--resume: no complete checkpoint"):
+        main(arguments(data, tmp_path / "empty", "--resume"))
