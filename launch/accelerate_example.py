@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GoRA in an accelerate training loop (the pattern to copy into your own script).
 
-    accelerate launch --cpu --num_processes 2 launch/accelerate_example.py --model tiny-llama --data reviews.jsonl
+    accelerate launch --cpu launch/accelerate_example.py --model tiny-llama --data reviews.jsonl   # one process
+    accelerate launch --multi_gpu --num_processes 8 launch/accelerate_example.py
     accelerate launch --config_file my_fsdp_or_deepspeed.yaml launch/accelerate_example.py
 
 GoRA runs before ``accelerator.prepare``: ``prepare_gora`` estimates the plan on this rank's share

@@ -211,3 +211,10 @@ def test_resume_with_other_target_modules_is_refused(data, tmp_path):
         main(arguments(data, tmp_path, "--resume", "--gora.target_modules", '["q_proj"]', steps=4))
     with pytest.raises(ValueError, match=r"--resume: no complete checkpoint"):
         main(arguments(data, tmp_path / "empty", "--resume"))
+
+
+def test_an_engine_that_is_not_installed_is_named(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the launcher sets MASTER_ADDR etc.
+    with pytest.raises(ValueError, match=r"engine=zero3 needs DeepSpeed: pip install deepspeed"):
+        main(arguments(data, tmp_path, "--engine", "zero3"))
