@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .initialization import rslora_scaling
-from .layers import GoRALinear, gora_modules, install_adapters
+from .layers import GoRALinear, gora_modules, install_adapters, saved_modules
 from .report import GoRAReport
 
 CONFIG_FILE = "adapter_config.json"
@@ -48,6 +48,8 @@ def _task_type(model: nn.Module) -> Optional[str]:
     name = type(model).__name__
     if name.endswith("ForCausalLM"):
         return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
     if name.endswith("ForConditionalGeneration") or name.endswith("ForSeq2SeqLM"):
         return "SEQ_2_SEQ_LM"
     return None
@@ -58,7 +60,7 @@ def _base_model_name(model: nn.Module) -> Optional[str]:
     return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
 
 
-def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pattern=True) -> dict:
+def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pattern=True, modules_to_save=()) -> dict:
     """adapter_config.json for PEFT's LoraConfig. Keys of rank_pattern are regexes: escape the names."""
     return {
         "peft_type": "LORA",
@@ -75,7 +77,7 @@ def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pa
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) or None,
         "use_dora": False,
     }
 
@@ -123,15 +125,19 @@ def _gora_metadata(ranks: Dict[str, int], scaling: Dict[str, float], report: Opt
     return data
 
 
-def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, report, task_type) -> None:
-    """weights: {module name: (A (r, in), B (out, r))}. ``model`` only informs the task type and base name."""
+def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, report, task_type,
+                        modules_to_save=(), saved_state=None) -> None:
+    """weights: {module name: (A (r, in), B (out, r))}; saved_state: {"<module>.<param>": tensor} of
+    modules_to_save. ``model`` only informs the task type and base name."""
     ranks = {name: lora_a.shape[0] for name, (lora_a, _) in weights.items()}
-    tensors = {}
+    tensors = {f"{PEFT_PREFIX}{key}": value.detach().to("cpu", copy=True).contiguous()
+               for key, value in (saved_state or {}).items()}
     for name, (lora_a, lora_b) in weights.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.detach().to("cpu", copy=True).contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_b.detach().to("cpu", copy=True).contiguous()
     scaling = {name: rslora_scaling(alpha, rank, use_rslora) for name, rank in ranks.items()}
-    config = _peft_config(model, ranks=ranks, alpha=alpha, use_rslora=use_rslora, dropout=dropout, task_type=task_type)
+    config = _peft_config(model, ranks=ranks, alpha=alpha, use_rslora=use_rslora, dropout=dropout, task_type=task_type,
+                          modules_to_save=modules_to_save)
     _write_atomically(path, {
         WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(ranks, scaling, report, "peft"),
     })
@@ -148,8 +154,11 @@ def save_adapter(model: nn.Module, path: str, report: Optional[GoRAReport] = Non
         raise ValueError(f"adapters differ in (alpha, use_rslora, dropout): {sorted(settings)}; PEFT's format has one")
     alpha, use_rslora, dropout = settings.pop()
     weights = {name: (module.lora_A, module.lora_B) for name, module in adapters.items()}
+    names = report.config.modules_to_save if report is not None else ()
+    saved_state = {key: p.detach() for key, p in model.named_parameters()
+                   if key.startswith(tuple(f"{m}." for m in saved_modules(model, names)))} if names else {}
     _write_peft_adapter(path, model, weights, alpha=alpha, use_rslora=use_rslora, dropout=dropout,
-                        report=report, task_type=task_type)
+                        report=report, task_type=task_type, modules_to_save=names, saved_state=saved_state)
 
 
 def save_plan(plan, path: str, model: Optional[nn.Module] = None, *, task_type: Optional[str] = None) -> None:
@@ -159,7 +168,8 @@ def save_plan(plan, path: str, model: Optional[nn.Module] = None, *, task_type: 
     config = plan.report.config
     weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
     _write_peft_adapter(path, model, weights, alpha=config.alpha, use_rslora=config.use_rslora,
-                        dropout=config.dropout, report=plan.report, task_type=task_type)
+                        dropout=config.dropout, report=plan.report, task_type=task_type,
+                        modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
 
 
 def save_uniform_adapter(
@@ -219,6 +229,9 @@ def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:
         if missing:
             raise ValueError(f"{name}: {WEIGHTS_FILE} lacks {missing}")
         weights[name] = (tensors[keys[0]], tensors[keys[1]])
+    modules_to_save = peft_config.get("modules_to_save") or ()
+    saved_state = {key[len(PEFT_PREFIX):]: value for key, value in tensors.items() if ".lora_" not in key}
     install_adapters(model, weights, alpha=peft_config["lora_alpha"], use_rslora=peft_config.get("use_rslora", False),
-                     dropout=peft_config.get("lora_dropout", 0.0))
+                     dropout=peft_config.get("lora_dropout", 0.0), modules_to_save=modules_to_save,
+                     saved_state=saved_state)
     return GoRAReport.from_dict(gora) if "layers" in gora else None

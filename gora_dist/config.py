@@ -61,6 +61,10 @@ class GoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapter's input during training (PEFT's ``lora_dropout``)."""
 
+    modules_to_save: Sequence[str] = ()
+    """Modules trained in full and saved beside the adapters (a new classification head:
+    ``["classifier"]``), matched like a list of ``target_modules``; PEFT's ``modules_to_save``."""
+
     adaptive_grad_steps: bool = False
     """Stop gradient estimation early once importances settle (official, off by default)."""
 
@@ -88,6 +92,7 @@ class GoRAConfig:
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules: give at least one module name")
+        self.modules_to_save = tuple(self.modules_to_save)
         _check_choice("importance", self.importance, IMPORTANCE_METRICS)
         _check_choice("rank_features", self.rank_features, RANK_FEATURES)
         _check_choice("rank_rounding", self.rank_rounding, RANK_ROUNDINGS)
@@ -124,6 +129,7 @@ class GoRAConfig:
         out = dataclasses.asdict(self)
         if not isinstance(self.target_modules, str):
             out["target_modules"] = list(self.target_modules)
+        out["modules_to_save"] = list(self.modules_to_save)
         return out
 
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -95,13 +95,25 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter but the adapters' A and B (LoRA training)."""
+def saved_modules(model: nn.Module, names: Sequence[str]) -> Dict[str, nn.Module]:
+    """Modules matched by ``names`` (PEFT's modules_to_save rule: the name or a ``.name`` suffix)."""
+    found = {n: m for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)}
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of this model")
+    return found
+
+
+def mark_only_adapters_trainable(model: nn.Module, modules_to_save: Sequence[str] = ()) -> None:
+    """Freeze every parameter but the adapters' A and B (LoRA training) and the modules to save."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, module in gora_modules(model):
         module.lora_A.requires_grad_(True)
         module.lora_B.requires_grad_(True)
+    for module in saved_modules(model, modules_to_save).values():
+        for param in module.parameters():
+            param.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -125,10 +137,13 @@ def install_adapters(
     alpha: float,
     use_rslora: bool = True,
     dropout: float = 0.0,
+    modules_to_save: Sequence[str] = (),
+    saved_state: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, GoRALinear]:
     """Wrap each named ``nn.Linear`` in a GoRALinear with the given (A (r, in), B (out, r)), then
-    freeze all but the adapters. Every name and shape is checked before the model is touched.
-    On a meta-device base the adapters stay on meta (nothing to copy yet)."""
+    freeze all but the adapters and ``modules_to_save`` (whose weights come from ``saved_state``,
+    {"<module>.<param>": tensor}, when given). Every name and shape is checked before the model is
+    touched. On a meta-device base the adapters stay on meta (nothing to copy yet)."""
     checked = []
     for name, (lora_a, lora_b) in weights.items():
         try:
@@ -146,6 +161,14 @@ def install_adapters(
                 f"(expected A{expected[0]} B{expected[1]})"
             )
         checked.append((name, base, lora_a, lora_b))
+    saved_params = {}
+    if saved_state:
+        params = dict(model.named_parameters())
+        for key, value in saved_state.items():
+            if key not in params or tuple(params[key].shape) != tuple(value.shape):
+                have = tuple(params[key].shape) if key in params else "nothing"
+                raise ValueError(f"saved module weight {key} {tuple(value.shape)} does not fit this model ({have})")
+            saved_params[key] = (params[key], value)
     adapters = {}
     for name, base, lora_a, lora_b in checked:
         adapter = GoRALinear(base, lora_a.shape[0], alpha=alpha, use_rslora=use_rslora, dropout=dropout)
@@ -155,5 +178,9 @@ def install_adapters(
                 adapter.lora_B.copy_(lora_b)
         set_submodule(model, name, adapter)
         adapters[name] = adapter
-    mark_only_adapters_trainable(model)
+    with torch.no_grad():
+        for param, value in saved_params.values():
+            if param.device.type != "meta":
+                param.copy_(value)
+    mark_only_adapters_trainable(model, modules_to_save)
     return adapters

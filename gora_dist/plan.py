@@ -17,7 +17,7 @@ user's training code can apply it before wrapping the model in its engine.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -29,7 +29,8 @@ from .config import GoRAConfig
 from .gradients import ShardedAccumulator
 from .importance import abs_wg_partial_sum, nuclear_norm, normalize_importance, relative_change
 from .initialization import b0_scale, gram_cholesky, kaiming_uniform_a, projected_energy, residual_ratio, rslora_scaling, solve_b0
-from .layers import GoRALinear, install_adapters
+from .gather import full_parameters, under
+from .layers import GoRALinear, install_adapters, saved_modules
 from .report import GoRAReport, LayerReport
 from .shards import FlatShard, add_shard_product
 
@@ -44,6 +45,8 @@ class GoRAPlan:
     report: GoRAReport
     lora_a: Dict[str, torch.Tensor]
     lora_b: Dict[str, torch.Tensor]
+    saved_state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full weights of ``config.modules_to_save`` ({"classifier.weight": ...}), trained in full."""
 
     @property
     def rank_map(self) -> Dict[str, int]:
@@ -190,6 +193,10 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     if config.adaptive_gamma and collective.active:
         raise ValueError("adaptive_gamma runs on one process only for now; set gamma explicitly for sharded runs")
 
+    saved_state = {}
+    if config.modules_to_save:
+        saved_state = full_parameters(engine.model, under(saved_modules(engine.model, config.modules_to_save)))
+
     start = time.perf_counter()
     accumulator, importance, energies = estimate_gradients(engine, iter(batches), config, loss_fn=loss_fn, collective=collective)
     gradient_seconds = time.perf_counter() - start
@@ -243,7 +250,7 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         timings={"gradient_s": gradient_seconds, "init_s": time.perf_counter() - start - gradient_seconds,
                  "bytes_communicated": float(collective.bytes_sent)},
     )
-    return GoRAPlan(report=report, lora_a=lora_a, lora_b=lora_b)
+    return GoRAPlan(report=report, lora_a=lora_a, lora_b=lora_b, saved_state=saved_state)
 
 
 # --- applying a plan ------------------------------------------------------------------------------
@@ -257,7 +264,8 @@ def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
     """
     config = plan.report.config
     weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
-    return install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout)
+    return install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout,
+                            modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
 
 
 @torch.no_grad()

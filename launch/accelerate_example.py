@@ -40,7 +40,8 @@ def main() -> None:
 
     accelerator = Accelerator()
     model, encoder = load_model(options.model, precision="fp32", max_length=64)
-    train, _ = split_examples(load_examples(options.data), 2000, 200)
+    examples, _ = load_examples(options.data)
+    train, _ = split_examples(examples, 2000, 200)
     collate = encoder.batch  # list of (text, label) -> model inputs
 
     config = GoRAConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], grad_steps=4)

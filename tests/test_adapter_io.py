@@ -156,3 +156,38 @@ def test_a_failed_save_leaves_the_previous_adapter_intact(adapted, tmp_path, mon
 def test_saving_a_model_without_adapters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no GoRA adapters"):
         save_adapter(tiny_llama(), tmp_path / "x")
+
+
+def test_a_classifier_head_is_trained_and_saved_as_peft_modules_to_save(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def tiny_bert():
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=48, num_labels=3)
+        return BertForSequenceClassification(config).eval()
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 60, (4, 9), generator=generator),
+                "labels": torch.randint(0, 3, (4,), generator=generator)} for _ in range(3)]
+    model = tiny_bert()
+    config = GoRAConfig(target_modules=["query", "value"], modules_to_save=["classifier"], grad_steps=3, gamma=0.3,
+                        rank_min=2, rank_ref=4, rank_max=8)
+    report = apply_gora(model, batches, config)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert "classifier.weight" in trainable and "classifier.bias" in trainable
+    assert all(".lora_" in n or n.startswith("classifier.") for n in trainable)
+    with torch.no_grad():  # as if trained: the head must travel with the adapter
+        model.classifier.weight.add_(0.5)
+    save_adapter(model, tmp_path, report)
+    config_json = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config_json["task_type"] == "SEQ_CLS" and config_json["modules_to_save"] == ["classifier"]
+    probe = batches[0]["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=probe).logits
+        loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path)
+        torch.testing.assert_close(loaded(input_ids=probe).logits, ours, rtol=0, atol=1e-6)
+        fresh = tiny_bert()
+        load_adapter(fresh, tmp_path)
+        torch.testing.assert_close(fresh(input_ids=probe).logits, ours, rtol=0, atol=0)
+    assert fresh.classifier.weight.requires_grad

@@ -63,14 +63,14 @@ def adapter_tensors(out, name="adapter"):
 
 
 def logits_with(adapter_dir, use_peft):
-    model, encoder = load_model("tiny-llama", precision="fp32", max_length=64)
+    model, encoder = load_model("tiny-llama", max_length=64)
     if use_peft:
         import peft
 
         model = peft.PeftModel.from_pretrained(model, adapter_dir)
     else:
         load_adapter(model, adapter_dir)
-    inputs, _ = encoder.prompt_batch([("good film", 1), ("awful plot it was", 0)])
+    inputs, _ = encoder.eval_inputs([("good film", 1), ("awful plot it was", 0)])
     with torch.no_grad():
         return model(**inputs).logits
 
@@ -218,3 +218,68 @@ def test_an_engine_that_is_not_installed_is_named(data, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the launcher sets MASTER_ADDR etc.
     with pytest.raises(ValueError, match=r"engine=zero3 needs DeepSpeed: pip install deepspeed"):
         main(arguments(data, tmp_path, "--engine", "zero3"))
+
+
+# --- sequence classification: a new head trained in full beside the adapters ------------------------
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data3") / "questions.jsonl"
+    rng = random.Random(1)
+    words = {"loc": "where city country place river".split(), "num": "how many much number count".split(),
+             "hum": "who person man woman name".split()}
+    with open(path, "w") as handle:
+        for index in range(450):
+            label = ["loc", "num", "hum"][index % 3]
+            chosen = rng.choices(words[label], k=3) + rng.choices("is the a of".split(), k=2)
+            rng.shuffle(chosen)
+            handle.write(json.dumps({"text": " ".join(chosen), "label": label}) + "\n")
+    return str(path)
+
+
+def classifier_arguments(data, out, *extra, steps=20):
+    return ["--model", "tiny-bert", "--task", "seq-cls", "--data", data, "--output-dir", str(out), "--steps", str(steps),
+            "--train-examples", "300", "--eval-examples", "64", "--lr", "1e-2", "--gora.grad_steps", "4", *extra]
+
+
+def classifier_logits(adapter_dir, use_peft):
+    model, encoder = load_model("tiny-bert", task="seq-cls", labels=("hum", "loc", "num"), max_length=64)
+    if use_peft:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    else:
+        load_adapter(model, adapter_dir)
+    inputs, _ = encoder.eval_inputs([("where is the river", 1), ("how many of", 2)])
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_seq_cls_trains_the_head_and_resumes_exactly(three_classes, tmp_path):
+    main(classifier_arguments(three_classes, tmp_path / "straight"))
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.2
+    config = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    tensors = adapter_tensors(tmp_path / "straight")
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= tensors.keys()
+    torch.testing.assert_close(classifier_logits(tmp_path / "straight" / "adapter", True),
+                               classifier_logits(tmp_path / "straight" / "adapter", False), rtol=0, atol=1e-6)
+    # stop after the step-10 checkpoint (its adapter removed), resume: same final adapter and head
+    main(classifier_arguments(three_classes, tmp_path / "resumed", "--checkpoint-every", "10"))
+    shutil.rmtree(tmp_path / "resumed" / "adapter")
+    main(classifier_arguments(three_classes, tmp_path / "resumed", "--resume"))
+    resumed = adapter_tensors(tmp_path / "resumed")
+    assert all(torch.equal(tensors[key], resumed[key]) for key in tensors)
+
+
+@pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
+def test_seq_cls_under_sharded_engines(three_classes, tmp_path, launcher, engine):
+    if launcher == "deepspeed":
+        pytest.importorskip("deepspeed")
+    result = launch(launcher, 2, classifier_arguments(three_classes, tmp_path, "--engine", engine, "--checkpoint-every", "10"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.2
+    torch.testing.assert_close(classifier_logits(tmp_path / "adapter", True),
+                               classifier_logits(tmp_path / "adapter", False), rtol=0, atol=1e-6)

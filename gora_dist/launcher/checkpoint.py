@@ -88,7 +88,8 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 def read_checkpoint(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor]], Dict[str, torch.Tensor], dict]:
-    """(gora.json, {module: (A, B)}, optimizer tensors, trainer_state)."""
+    """(gora.json, {module: (A, B)}, optimizer tensors, trainer_state); trainer_state["saved_state"]
+    holds the full weights of modules_to_save ({"classifier.weight": ...})."""
     adapter_dir = os.path.join(path, "adapter")
     with open(os.path.join(adapter_dir, "gora.json")) as handle:
         gora = json.load(handle)
@@ -101,4 +102,5 @@ def read_checkpoint(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torc
     optimizer = load_file(os.path.join(path, "optimizer.safetensors"))
     with open(os.path.join(path, "trainer_state.json")) as handle:
         state = json.load(handle)
+    state["saved_state"] = {key[len("base_model.model."):]: value for key, value in tensors.items() if ".lora_" not in key}
     return gora, weights, optimizer, state

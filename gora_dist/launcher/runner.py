@@ -128,9 +128,8 @@ def evaluate(trainer, encoder, examples, setup: Setup, micro: int) -> float:
         chunk = mine[index * micro:(index + 1) * micro]
         real = len(chunk)
         chunk = chunk + [examples[0]] * (micro - real)
-        inputs, labels = encoder.prompt_batch(chunk)
-        logits = trainer.logits(_to(inputs, setup.device))
-        choice = logits[:, list(encoder.label_ids)].argmax(-1).cpu()
+        inputs, labels = encoder.eval_inputs(chunk)
+        choice = encoder.predict(trainer.logits(_to(inputs, setup.device), **encoder.forward_kwargs)).cpu()
         correct += float((choice[:real] == labels[:real]).sum())
     total = torch.tensor([correct], dtype=torch.float64, device=setup.device if setup.device.type == "cuda" else "cpu")
     if setup.world > 1:
@@ -171,10 +170,13 @@ def run(config: TrainConfig, setup: Setup) -> dict:
     say = print if setup.main else (lambda *a, **k: None)
     started = time.perf_counter()
 
-    model, encoder = load_model(config.model, precision=config.precision, max_length=config.max_length)
+    examples, label_names = load_examples(config.data)
+    torch.manual_seed(config.seed)  # a new classification head starts the same on every rank
+    model, encoder = load_model(config.model, task=config.task, labels=label_names, precision=config.precision,
+                                max_length=config.max_length)
     if setup.engine in ("local", "ddp", "zero2"):
         model.to(setup.device)
-    train, evaluation = split_examples(load_examples(config.data), config.train_examples, config.eval_examples)
+    train, evaluation = split_examples(examples, config.train_examples, config.eval_examples)
     micro = config.micro_batch_size or config.global_batch_size // setup.world
     if micro < 1 or config.global_batch_size % (micro * setup.world):
         raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of micro_batch_size={micro} "
@@ -191,7 +193,8 @@ def run(config: TrainConfig, setup: Setup) -> dict:
         saved, weights, optimizer_tensors, state = read_checkpoint(path)
         _check_resume(saved, state, config, path)
         report = GoRAReport.from_dict(saved)
-        plan = GoRAPlan(report, {n: w[0] for n, w in weights.items()}, {n: w[1] for n, w in weights.items()})
+        plan = GoRAPlan(report, {n: w[0] for n, w in weights.items()}, {n: w[1] for n, w in weights.items()},
+                        state.pop("saved_state"))
         start_step = state["step"]
         say(f"resuming from {path} at step {start_step} (world size {state.get('world_size')} -> {setup.world})")
     else:
@@ -220,7 +223,8 @@ def run(config: TrainConfig, setup: Setup) -> dict:
             say(f"init-only: initial adapter in {os.path.join(out, 'init')}")
             return metrics
 
-    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume)
+    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume,
+                        labels=label_names)
     try:
         if optimizer_tensors is not None:
             trainer.load_optimizer_state(optimizer_tensors, start_step)
@@ -260,8 +264,12 @@ def run(config: TrainConfig, setup: Setup) -> dict:
 
 
 def _current_plan(trainer, plan: GoRAPlan) -> GoRAPlan:
-    adapters = trainer.full_adapters()
-    return GoRAPlan(plan.report, {n: a for n, (a, _) in adapters.items()}, {n: b for n, (_, b) in adapters.items()})
+    """The plan with the adapters' (and saved modules') current full weights."""
+    tensors = trainer.full_trainable()
+    modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors if ".lora_" in name})
+    saved = {name: value for name, value in tensors.items() if ".lora_" not in name}
+    return GoRAPlan(plan.report, {m: tensors[f"{m}.lora_A"] for m in modules},
+                    {m: tensors[f"{m}.lora_B"] for m in modules}, saved)
 
 
 def _checkpoint(trainer, plan, config: TrainConfig, setup: Setup, step: int) -> None:
@@ -276,7 +284,7 @@ def _checkpoint(trainer, plan, config: TrainConfig, setup: Setup, step: int) -> 
 
 
 def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: int, accumulation: int,
-              ds_stage: Optional[int], fresh_base: bool):
+              ds_stage: Optional[int], fresh_base: bool, labels: tuple):
     """Put the plan's adapters into a model wrapped for training by the engine."""
     from .training import DeepSpeedTraining, TorchTraining
 
@@ -286,7 +294,9 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
         from ..engines.fsdp2 import default_shard_modules
 
         if not fresh_base:  # the estimation model stays sharded: build the training model afresh
-            model, _ = load_model(config.model, precision=config.precision, max_length=config.max_length)
+            torch.manual_seed(config.seed)
+            model, _ = load_model(config.model, task=config.task, labels=labels, precision=config.precision,
+                                  max_length=config.max_length)
         apply_plan(model, plan)
         model.to(setup.device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

@@ -1,6 +1,6 @@
 """Training the adapters under each engine, behind one small interface used by the launcher:
 ``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``,
-``full_adapters()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
+``full_trainable()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
 The "full_*" methods are collectives: every rank calls them, and every rank gets full tensors.
 """
 
@@ -17,8 +17,9 @@ from .config import TrainConfig
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def adapter_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if ".lora_A" in name or ".lora_B" in name]
+def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """The adapters' A and B, and any module trained in full (a classification head)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -34,9 +35,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(named: List[Tuple[str, nn.Parameter]], config: TrainConfig):
-    """AdamW with LoRA+ groups (B at lr × loraplus_lr_ratio) and the launcher's schedule."""
+    """AdamW with LoRA+ groups (B at lr × loraplus_lr_ratio; A and full modules at lr) and the schedule."""
     groups = [
-        {"params": [p for n, p in named if ".lora_A" in n], "lr": config.lr, "name": "lora_A"},
+        {"params": [p for n, p in named if ".lora_B" not in n], "lr": config.lr, "name": "lora_A and full"},
         {"params": [p for n, p in named if ".lora_B" in n], "lr": config.lr * config.loraplus_lr_ratio, "name": "lora_B"},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -61,7 +62,7 @@ class TorchTraining:
 
     def __init__(self, model: nn.Module, runner: nn.Module, config: TrainConfig, device: torch.device) -> None:
         self.model, self.runner, self.device = model, runner, device
-        self.named = adapter_parameters(model)
+        self.named = trainable_parameters(model)
         self.optimizer, self.scheduler = make_optimizer(self.named, config)
 
     def micro_step(self, batch: dict, accumulation: int) -> float:
@@ -75,13 +76,11 @@ class TorchTraining:
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def logits(self, inputs: dict) -> torch.Tensor:
-        return self.runner(**inputs, logits_to_keep=1).logits[:, -1].float()
+    def logits(self, inputs: dict, **kwargs) -> torch.Tensor:
+        return self.runner(**inputs, **kwargs).logits.float()
 
-    def full_adapters(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-        tensors = {name: _full(p) for name, p in self.named}
-        modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors})
-        return {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+    def full_trainable(self) -> Dict[str, torch.Tensor]:
+        return {name: _full(p) for name, p in self.named}
 
     def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
         state = {}
@@ -119,7 +118,7 @@ class DeepSpeedTraining:
         import deepspeed
 
         self.model = model
-        self.named = adapter_parameters(model)
+        self.named = trainable_parameters(model)
         optimizer, scheduler = make_optimizer(self.named, config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -135,15 +134,13 @@ class DeepSpeedTraining:
         pass
 
     @torch.no_grad()
-    def logits(self, inputs: dict) -> torch.Tensor:
-        return self.engine(**inputs, logits_to_keep=1).logits[:, -1].float()
+    def logits(self, inputs: dict, **kwargs) -> torch.Tensor:
+        return self.engine(**inputs, **kwargs).logits.float()
 
-    def full_adapters(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    def full_trainable(self) -> Dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        tensors = {name: safe_get_full_fp32_param(p).detach().to("cpu", torch.float32) for name, p in self.named}
-        modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors})
-        return {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+        return {name: safe_get_full_fp32_param(p).detach().to("cpu", torch.float32) for name, p in self.named}
 
     def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_optimizer_state
