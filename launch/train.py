@@ -8,7 +8,7 @@ With no arguments it runs the embedded job on the CPU in a few minutes: SmolLM2-
     python launch/train.py my.yaml --steps 200 --gora.rank_max 64
     torchrun --nproc_per_node 8 launch/train.py --engine fsdp2 [--engine ddp]
     deepspeed --num_gpus 8 launch/train.py                    # ZeRO-3 (engine auto under deepspeed)
-    deepspeed --num_gpus 8 launch/train.py --engine zero2
+    deepspeed --num_gpus 8 launch/train.py --engine zero2 --checkpoint-every 0   # no ZeRO-2 checkpoints yet
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py # CPU, gloo
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 launch/train.py --engine fsdp2
     deepspeed --hostfile hosts.txt launch/train.py

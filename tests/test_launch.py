@@ -86,6 +86,8 @@ def test_unknown_option_suggests_the_closest():
         load_config(["--engine", "zero4"])
     with pytest.raises(ValueError, match=r"rank_min=9 > rank_max=8"):
         load_config(["--gora.rank_min", "9", "--gora.rank_max", "8"])
+    with pytest.raises(ValueError, match=r"engine=zero2 trains but cannot checkpoint yet"):
+        load_config(["--engine", "zero2"])
 
 
 def test_file_then_overrides(tmp_path):
@@ -283,3 +285,13 @@ def test_seq_cls_under_sharded_engines(three_classes, tmp_path, launcher, engine
     assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.2
     torch.testing.assert_close(classifier_logits(tmp_path / "adapter", True),
                                classifier_logits(tmp_path / "adapter", False), rtol=0, atol=1e-6)
+
+
+def test_zero2_trains(data, tmp_path):
+    pytest.importorskip("deepspeed")
+    result = launch("deepspeed", 2, arguments(data, tmp_path, "--engine", "zero2", "--checkpoint-every", "0"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.1
+    torch.testing.assert_close(logits_with(tmp_path / "adapter", True), logits_with(tmp_path / "adapter", False),
+                               rtol=0, atol=1e-6)

@@ -103,6 +103,11 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}, loraplus_lr_ratio={self.loraplus_lr_ratio}: both must be > 0")
         self.gora_config()  # validates the GoRA options now, with their own messages
 
+        if self.engine == "zero2" and (self.checkpoint_every or self.resume):
+            raise ValueError(
+                "engine=zero2 trains but cannot checkpoint yet: DeepSpeed 0.19's ZeRO-2 gave no full optimizer "
+                "state here (safe_get_full_optimizer_state: 'exp_avg not found'); use --checkpoint-every 0, or zero3"
+            )
         if self.model in BERT_MODELS and self.task != "seq-cls":
             raise ValueError(f"model={self.model!r} is an encoder: use --task seq-cls")
 
