@@ -62,15 +62,16 @@ def adapter_tensors(out, name="adapter"):
     return load_file(os.path.join(out, name, "adapter_model.safetensors"))
 
 
-def logits_with(adapter_dir, use_peft):
-    model, encoder = load_model("tiny-llama", max_length=64)
+def logits_with(adapter_dir, use_peft, model_spec="tiny-llama", **model_kwargs):
+    """Logits of a fresh base model with the saved adapter, loaded by PEFT or by gora_dist."""
+    model, encoder = load_model(model_spec, max_length=64, **model_kwargs)
     if use_peft:
         import peft
 
         model = peft.PeftModel.from_pretrained(model, adapter_dir)
     else:
         load_adapter(model, adapter_dir)
-    inputs, _ = encoder.eval_inputs([("good film", 1), ("awful plot it was", 0)])
+    inputs, _ = encoder.eval_inputs([("good film where is the river", 1), ("awful plot how many of", 0)])
     with torch.no_grad():
         return model(**inputs).logits
 
@@ -181,17 +182,22 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(data, tmp_pa
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
-def test_sharded_engines_under_their_launchers(data, tmp_path, launcher, engine):
+def check_sharded_run(launcher, args, out, gain, logits_of):
+    """A 2-process run: exit 0, accuracy up by ``gain``, its adapter read alike by PEFT and by us."""
     if launcher == "deepspeed":
         pytest.importorskip("deepspeed")
-    result = launch(launcher, 2, arguments(data, tmp_path, "--engine", engine, "--checkpoint-every", "5"))
+    result = launch(launcher, 2, args)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.1
-    torch.testing.assert_close(logits_with(tmp_path / "adapter", True), logits_with(tmp_path / "adapter", False),
-                               rtol=0, atol=1e-6)
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + gain
+    torch.testing.assert_close(logits_of(out / "adapter", True), logits_of(out / "adapter", False), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
+def test_sharded_engines_under_their_launchers(data, tmp_path, launcher, engine):
+    args = arguments(data, tmp_path, "--engine", engine, "--checkpoint-every", "5")
+    check_sharded_run(launcher, args, tmp_path, 0.1, logits_with)
     assert (tmp_path / "checkpoints" / "latest").exists()
 
 
@@ -245,16 +251,7 @@ def classifier_arguments(data, out, *extra, steps=20):
 
 
 def classifier_logits(adapter_dir, use_peft):
-    model, encoder = load_model("tiny-bert", task="seq-cls", labels=("hum", "loc", "num"), max_length=64)
-    if use_peft:
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, adapter_dir)
-    else:
-        load_adapter(model, adapter_dir)
-    inputs, _ = encoder.eval_inputs([("where is the river", 1), ("how many of", 2)])
-    with torch.no_grad():
-        return model(**inputs).logits
+    return logits_with(adapter_dir, use_peft, "tiny-bert", task="seq-cls", labels=("hum", "loc", "num"))
 
 
 def test_seq_cls_trains_the_head_and_resumes_exactly(three_classes, tmp_path):
@@ -277,21 +274,10 @@ def test_seq_cls_trains_the_head_and_resumes_exactly(three_classes, tmp_path):
 
 @pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
 def test_seq_cls_under_sharded_engines(three_classes, tmp_path, launcher, engine):
-    if launcher == "deepspeed":
-        pytest.importorskip("deepspeed")
-    result = launch(launcher, 2, classifier_arguments(three_classes, tmp_path, "--engine", engine, "--checkpoint-every", "10"))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.2
-    torch.testing.assert_close(classifier_logits(tmp_path / "adapter", True),
-                               classifier_logits(tmp_path / "adapter", False), rtol=0, atol=1e-6)
+    args = classifier_arguments(three_classes, tmp_path, "--engine", engine, "--checkpoint-every", "10")
+    check_sharded_run(launcher, args, tmp_path, 0.2, classifier_logits)
 
 
 def test_zero2_trains(data, tmp_path):
-    pytest.importorskip("deepspeed")
-    result = launch("deepspeed", 2, arguments(data, tmp_path, "--engine", "zero2", "--checkpoint-every", "0"))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.1
-    torch.testing.assert_close(logits_with(tmp_path / "adapter", True), logits_with(tmp_path / "adapter", False),
-                               rtol=0, atol=1e-6)
+    args = arguments(data, tmp_path, "--engine", "zero2", "--checkpoint-every", "0")
+    check_sharded_run("deepspeed", args, tmp_path, 0.1, logits_with)
