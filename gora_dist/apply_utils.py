@@ -71,3 +71,11 @@ def to_device(batch, device: torch.device):
 def model_device(model: nn.Module) -> Optional[torch.device]:
     param = next(model.parameters(), None)
     return None if param is None or param.device.type == "meta" else param.device
+
+
+def transformer_blocks(model: nn.Module) -> Dict[str, nn.Module]:
+    """{name: block} for the modules whose class is in the model's ``_no_split_modules`` (HF), in order.
+    The class hierarchy is searched because FSDP2 subclasses a sharded block (FSDPLlamaDecoderLayer)."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    return {name: m for name, m in model.named_modules()
+            if name and any(cls.__name__ in block_classes for cls in type(m).__mro__)}

@@ -8,7 +8,7 @@ of N ordinary training steps with only the target weights trainable, and is not 
 
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 FLOAT64, FLOAT32, INT64 = 8, 4, 8
 
@@ -21,10 +21,12 @@ def gora_collective_bytes(
     steps: int,
     importance: str = "mean_abs_wg",
     adaptive_steps: bool = False,
+    gelora_points: Optional[Tuple[int, int, int]] = None,
 ) -> int:
     """Payload bytes one rank hands to GoRA's collectives in ``build_plan`` (0 on one process).
 
-    shapes: (out, in) per target layer; ranks: the rank map; steps: gradient steps actually run.
+    shapes: (out, in) per target layer; ranks: the rank map; steps: gradient steps actually run;
+    gelora_points: (levels, sequences over all ranks, hidden) with allocator=gelora.
     """
     if world_size <= 1:
         return 0
@@ -38,6 +40,9 @@ def gora_collective_bytes(
     total = agree                                            # target layers and config
     total += steps * 2 * flag_check                          # loss and gradient checks per step
     total += (steps if adaptive_steps else 1) * importance_round
+    if gelora_points is not None:                            # point counts, then every rank's points
+        levels, sequences, hidden = gelora_points
+        total += world_size * FLOAT64 + levels * sequences * hidden * FLOAT32
     total += layers * INT64 + flag_check + agree             # rank map: broadcast, check, hash
     total += sum(shapes[name][0] * rank for name, rank in ranks.items()) * FLOAT32  # C = Ḡ·A0ᵀ
     return total

@@ -13,6 +13,8 @@ from typing import Sequence, Union
 IMPORTANCE_METRICS = ("mean_abs_wg", "grad_nuclear", "wg_nuclear")
 RANK_FEATURES = ("sqrt", "identity")
 RANK_ROUNDINGS = ("round", "floor", "ceil")
+ALLOCATORS = ("gora", "gelora")
+ID_METHODS = ("mle", "fit")
 
 
 @dataclass(kw_only=True)
@@ -81,6 +83,19 @@ class GoRAConfig:
     adaptive_gamma_candidates: int = 52
     """With ``adaptive_gamma``: candidates γ = base**k for k = 0 .. candidates-1."""
 
+    allocator: str = "gora"
+    """How ranks are chosen: ``gora`` (importance and budget, the paper) or ``gelora`` (the intrinsic
+    dimension of each block's hidden states, arXiv 2412.09250). GoRA's B0 init applies to either."""
+
+    gelora_method: str = "mle"
+    """With ``gelora``: the TwoNN estimator, ``mle`` or ``fit`` (linear fit, top 10% of μ dropped)."""
+
+    gelora_offset: int = 0
+    """With ``gelora``: added to every block's rank max(d_i − d_{i−1}, 0) before clipping."""
+
+    gelora_scale_to_budget: bool = False
+    """With ``gelora``: scale the block ranks so the parameter count matches LoRA at ``rank_ref``."""
+
     metadata: dict = field(default_factory=dict)
     """Free-form user data, written into ``gora.json``."""
 
@@ -96,6 +111,8 @@ class GoRAConfig:
         _check_choice("importance", self.importance, IMPORTANCE_METRICS)
         _check_choice("rank_features", self.rank_features, RANK_FEATURES)
         _check_choice("rank_rounding", self.rank_rounding, RANK_ROUNDINGS)
+        _check_choice("allocator", self.allocator, ALLOCATORS)
+        _check_choice("gelora_method", self.gelora_method, ID_METHODS)
         if self.rank_min < 0:
             raise ValueError(f"rank_min={self.rank_min}: must be >= 0")
         if self.rank_max < 1:

@@ -17,6 +17,7 @@ user's training code can apply it before wrapping the model in its engine.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
@@ -29,7 +30,9 @@ from .config import GoRAConfig
 from .gradients import ShardedAccumulator
 from .importance import abs_wg_partial_sum, nuclear_norm, normalize_importance, relative_change
 from .initialization import b0_scale, gram_cholesky, kaiming_uniform_a, projected_energy, residual_ratio, rslora_scaling, solve_b0
+from .apply_utils import transformer_blocks
 from .gather import full_parameters, under
+from .gelora import HiddenStateSampler, block_ranks, gelora_rank_map, level_dimensions
 from .layers import GoRALinear, install_adapters, saved_modules
 from .report import GoRAReport, LayerReport
 from .shards import FlatShard, add_shard_product
@@ -147,6 +150,26 @@ def _agreed_rank_map(ranks: Dict[str, int], collective: Collective) -> Dict[str,
     return {name: int(rank) for name, rank in zip(names, broadcast.tolist())}
 
 
+# --- GeLoRA sample ----------------------------------------------------------------------------------
+
+def _recording_masks(batches, sampler: HiddenStateSampler):
+    """Pass batches through, telling the sampler which tokens each one's attention mask keeps."""
+    for batch in batches:
+        sampler.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        yield batch
+
+
+def _gathered_points(local: torch.Tensor, collective: Collective) -> torch.Tensor:
+    """Every rank's (levels, n_rank, hidden) points on every rank, in rank order."""
+    counts = torch.zeros(collective.world_size, dtype=torch.float64)
+    counts[collective.rank] = local.shape[1]
+    counts = collective.all_reduce(counts, "GeLoRA point counts").long().tolist()
+    full = torch.zeros(local.shape[0], sum(counts), local.shape[2], dtype=torch.float32)
+    offset = sum(counts[:collective.rank])
+    full[:, offset:offset + local.shape[1]] = local
+    return collective.all_reduce(full, "GeLoRA hidden-state points")
+
+
 # --- initialisation -------------------------------------------------------------------------------
 
 def _projected_gradients(engine, accumulator, lora_a: Dict[str, torch.Tensor], collective: Collective):
@@ -193,12 +216,25 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     if config.adaptive_gamma and collective.active:
         raise ValueError("adaptive_gamma runs on one process only for now; set gamma explicitly for sharded runs")
 
+    sampler = None
+    if config.allocator == "gelora":
+        blocks = transformer_blocks(engine.model)
+        if not blocks:
+            raise ValueError("allocator=gelora needs the model's transformer blocks (its _no_split_modules); none found")
+        sampler = HiddenStateSampler(engine.model.get_input_embeddings(), blocks)
+        batches = _recording_masks(batches, sampler)
+
     saved_state = {}
     if config.modules_to_save:
         saved_state = full_parameters(engine.model, under(saved_modules(engine.model, config.modules_to_save)))
 
     start = time.perf_counter()
-    accumulator, importance, energies = estimate_gradients(engine, iter(batches), config, loss_fn=loss_fn, collective=collective)
+    try:
+        accumulator, importance, energies = estimate_gradients(engine, iter(batches), config, loss_fn=loss_fn,
+                                                               collective=collective)
+    finally:
+        if sampler is not None:
+            sampler.close()
     gradient_seconds = time.perf_counter() - start
 
     notes = []
@@ -208,8 +244,17 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         if min(shapes[name]) < config.rank_min:
             notes.append(f"{name}: rank capped at min(in, out) = {min(shapes[name])} < rank_min")
     advantage = normalize_importance(importance)
-    ranks = allocate_ranks(advantage, shapes, rank_ref=config.rank_ref, rank_min=config.rank_min,
-                           rank_max=config.rank_max, features=config.rank_features, rounding=config.rank_rounding)
+    dimensions = []
+    if sampler is None:
+        ranks = allocate_ranks(advantage, shapes, rank_ref=config.rank_ref, rank_min=config.rank_min,
+                               rank_max=config.rank_max, features=config.rank_features, rounding=config.rank_rounding)
+    else:
+        points = _gathered_points(sampler.stacked(), collective)
+        dimensions = level_dimensions(points, config.gelora_method)
+        ranks, gelora_notes = gelora_rank_map(
+            block_ranks(dimensions, config.gelora_offset), sampler.block_names, shapes, rank_ref=config.rank_ref,
+            rank_min=config.rank_min, rank_max=config.rank_max, scale_to_budget=config.gelora_scale_to_budget)
+        notes += gelora_notes + [f"GeLoRA: TwoNN ({config.gelora_method}) on {points.shape[1]} mean-pooled sequences"]
     ranks = _agreed_rank_map(ranks, collective)
 
     adapted = [name for name in names if ranks[name] > 0]
@@ -246,7 +291,7 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         config=config, layers=layers, grad_steps=accumulator.steps, gamma=config.gamma,
         rank_budget=rank_budget(shapes, config.rank_ref, config.rank_features),
         param_budget=lora_reference_count(shapes, config.rank_ref), param_count=lora_param_count(shapes, ranks),
-        notes=notes, accumulator_elements=accumulator_elements,
+        notes=notes, accumulator_elements=accumulator_elements, intrinsic_dimensions=dimensions,
         timings={"gradient_s": gradient_seconds, "init_s": time.perf_counter() - start - gradient_seconds,
                  "bytes_communicated": float(collective.bytes_sent)},
     )

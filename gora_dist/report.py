@@ -44,6 +44,8 @@ class GoRAReport:
     payload bytes this rank handed to GoRA's own collectives (``bytes_communicated``)."""
     accumulator_elements: int = 0
     """Float32 gradient-sum elements this rank held: its shard of the target weights."""
+    intrinsic_dimensions: List[float] = field(default_factory=list)
+    """With allocator=gelora: TwoNN ID of the embeddings and of each block's output."""
     gamma_search: List[Tuple[float, float]] = field(default_factory=list)
     """(γ, held-batch loss) pairs tried by adaptive γ; γ=0 first (the base model's loss)."""
 
@@ -90,6 +92,7 @@ class GoRAReport:
             "notes": list(self.notes),
             "timings": dict(self.timings),
             "accumulator_elements": self.accumulator_elements,
+            "intrinsic_dimensions": list(self.intrinsic_dimensions),
             "gamma_search": [list(pair) for pair in self.gamma_search],
         }
 
@@ -110,5 +113,6 @@ class GoRAReport:
             notes=list(data.get("notes", [])),
             timings=dict(data.get("timings", {})),
             accumulator_elements=int(data.get("accumulator_elements", 0)),
+            intrinsic_dimensions=list(data.get("intrinsic_dimensions", [])),
             gamma_search=[tuple(pair) for pair in data.get("gamma_search", [])],
         )

@@ -106,6 +106,23 @@ def test_nuclear_norm_importance_and_adaptive_steps_match_one_process(tmp_path):
     assert gora["timings"]["bytes_communicated"] == predicted
 
 
+def test_gelora_ranks_are_the_same_at_world_sizes_1_and_2(tmp_path):
+    """GeLoRA's hidden-state sample is gathered from both ranks; every rank gets one process's rank map."""
+    overrides = {"allocator": "gelora", "gelora_offset": 3}
+    result, _ = launch("fsdp2", 2, tmp_path, config=overrides)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = tiny_llama(intermediate_size=75)
+    report = apply_gora(single, lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), CONFIG.__class__(**{**CONFIG.to_dict(), **overrides}))
+    gora = json.loads((tmp_path / "plan" / "gora.json").read_text())
+    assert gora["rank_map"] == report.rank_map
+    assert gora["intrinsic_dimensions"] == pytest.approx(report.intrinsic_dimensions, rel=1e-4)
+    shapes = {name: layer.shape for name, layer in report.layers.items()}
+    levels = len(report.intrinsic_dimensions)
+    predicted = gora_collective_bytes(shapes, report.rank_map, world_size=2, steps=report.grad_steps,
+                                      gelora_points=(levels, GRAD_STEPS * GLOBAL_BATCH, 48))
+    assert gora["timings"]["bytes_communicated"] == predicted
+
+
 def test_a_rank_that_raises_fails_every_rank_clearly(tmp_path):
     result, seconds = launch("fsdp2", 2, tmp_path, mode="raise")
     assert result.returncode != 0

@@ -10,15 +10,14 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 
-from ..apply_utils import batch_loss, find_target_modules, to_device
+from ..apply_utils import batch_loss, find_target_modules, to_device, transformer_blocks
 from ..gradients import gradients_only_for
 from ..shards import FlatShard
 
 
 def default_shard_modules(model: nn.Module) -> list:
     """The transformer blocks: modules whose class is in the model's ``_no_split_modules`` (HF)."""
-    block_classes = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in block_classes]
+    return list(transformer_blocks(model).values())
 
 
 class FSDP2Engine:

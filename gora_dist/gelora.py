@@ -1,0 +1,91 @@
+"""GeLoRA ranks (arXiv 2412.09250): from the intrinsic dimension (ID) of each block's hidden states.
+
+Points: one per sequence, the mean of a level's hidden states over the tokens its attention mask
+keeps (all tokens without a mask). Level 0 is the input embeddings, level i the output of block i.
+They are collected by forward hooks during GoRA's own gradient-estimation forwards (no extra
+passes), so the sample is every sequence of the N estimation batches: N × global batch points of
+(blocks + 1) × hidden floats, e.g. 64 × 31 × 576 float32 = 4.6 MB for SmolLM2-135M at the launcher's
+defaults. Every rank gets all points (an all-reduce of a zero-padded buffer), computes the same IDs,
+and GeLoRA's bound gives block i the rank max(⌈d_i − d_{i−1}⌉, 0) for all of its adapted matrices.
+TwoNN needs hundreds of points to be steady: raise ``grad_steps`` (or the batch) for a better ID.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .allocation import Shape, lora_reference_count, round_rank
+from .intrinsic_dimension import twonn
+
+
+class HiddenStateSampler:
+    """Forward hooks that turn each forward into one mean-pooled point per sequence and level."""
+
+    def __init__(self, embeddings: nn.Module, blocks: Mapping[str, nn.Module]) -> None:
+        self.block_names = list(blocks)
+        self.points: List[List[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+        self.mask: Optional[torch.Tensor] = None
+        self._handles = [embeddings.register_forward_hook(self._hook(0))]
+        self._handles += [block.register_forward_hook(self._hook(i + 1)) for i, block in enumerate(blocks.values())]
+
+    def _hook(self, level: int):
+        def record(module, args, output):
+            hidden = (output[0] if isinstance(output, (tuple, list)) else output).detach().float()
+            if self.mask is None:
+                pooled = hidden.mean(dim=1)
+            else:
+                weights = self.mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            self.points[level].append(pooled.cpu())
+
+        return record
+
+    def stacked(self) -> torch.Tensor:
+        """(levels, sequences, hidden) float32 of everything recorded on this rank."""
+        return torch.stack([torch.cat(level) for level in self.points])
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def level_dimensions(points: torch.Tensor, method: str = "mle") -> List[float]:
+    """TwoNN ID of every level. points: (levels, N, hidden)."""
+    return [twonn(level, method).dimension for level in points]
+
+
+def block_ranks(dimensions: Sequence[float], offset: int = 0) -> List[int]:
+    """GeLoRA's lower bound per block: max(⌈d_i − d_{i−1}⌉, 0) + offset, for i = 1..L."""
+    return [max(math.ceil(dimensions[i] - dimensions[i - 1]), 0) + offset for i in range(1, len(dimensions))]
+
+
+def gelora_rank_map(
+    ranks_per_block: Sequence[int],
+    block_names: Sequence[str],
+    shapes: Mapping[str, Shape],
+    *,
+    rank_ref: int,
+    rank_min: int,
+    rank_max: int,
+    scale_to_budget: bool = False,
+) -> Tuple[Dict[str, int], List[str]]:
+    """(rank per target layer, notes). A layer takes its block's rank; layers in no block take rank_ref.
+    With ``scale_to_budget`` all raw ranks are multiplied so Σ(in+out)·r matches LoRA at rank_ref."""
+    raw, notes = {}, []
+    for name in shapes:
+        owner = next((i for i, block in enumerate(block_names) if name.startswith(block + ".")), None)
+        if owner is None:
+            notes.append(f"{name}: in no transformer block, given rank_ref={rank_ref}")
+        raw[name] = float(rank_ref if owner is None else ranks_per_block[owner])
+    if scale_to_budget:
+        spent = sum((shape[0] + shape[1]) * raw[name] for name, shape in shapes.items())
+        factor = lora_reference_count(shapes, rank_ref) / spent if spent > 0 else 1.0
+        raw = {name: value * factor for name, value in raw.items()}
+        notes.append(f"GeLoRA ranks scaled by {factor:.3g} to LoRA's budget at rank_ref={rank_ref}")
+    ranks = {name: min(max(round_rank(value, "round"), rank_min), rank_max, min(shapes[name]))
+             for name, value in raw.items()}
+    return ranks, notes
