@@ -82,6 +82,13 @@ def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pa
     }
 
 
+def _usual_permissions(folder: str) -> None:
+    """mkdtemp makes 0700 folders; a folder renamed into place should read like any other (umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def _write_atomically(directory: str, files: Dict[str, object]) -> None:
     """Write every file into a temporary folder first, then move each into place (gora.json last).
 
@@ -102,6 +109,7 @@ def _write_atomically(directory: str, files: Dict[str, object]) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         if not os.path.exists(directory):
+            _usual_permissions(staging)
             os.replace(staging, directory)
             return
         ordered = sorted(files, key=lambda filename: filename == GORA_FILE)

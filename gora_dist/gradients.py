@@ -17,20 +17,23 @@ import torch.nn as nn
 @contextlib.contextmanager
 def gradients_only_for(model: nn.Module, weights: Dict[str, nn.Parameter]) -> Iterator[None]:
     """Within the block only ``weights`` require grad; flags and earlier ``.grad`` come back afterwards, even on error."""
-    saved = [(param, param.requires_grad) for param in model.parameters()]
-    stashed_grads = [(param, param.grad) for param in weights.values()]  # would leak into the first sum
+    # By name, not by object: an engine (FSDP2) may replace the parameters inside the block.
+    saved = {name: param.requires_grad for name, param in model.named_parameters()}
+    target_names = {id(param) for param in weights.values()}
+    stashed_grads = {name: param.grad for name, param in model.named_parameters() if id(param) in target_names}
     try:
-        for param, _ in saved:
+        for param in model.parameters():
             param.requires_grad_(False)
         for param in weights.values():
             param.requires_grad_(True)
-            param.grad = None
+            param.grad = None  # an earlier .grad would leak into the first sum
         yield
     finally:
-        for param, flag in saved:
-            param.requires_grad_(flag)
-        for param, grad in stashed_grads:
-            param.grad = grad
+        for name, param in model.named_parameters():
+            if name in saved:
+                param.requires_grad_(saved[name])
+            if name in stashed_grads and stashed_grads[name] is not None:
+                param.grad = stashed_grads[name]
 
 
 class ShardedAccumulator:

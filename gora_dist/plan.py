@@ -110,13 +110,19 @@ def estimate_gradients(engine, batches: Iterator, config: GoRAConfig, *, loss_fn
     importance = sums = None
     with torch.enable_grad():
         for step in range(1, config.grad_steps + 1):
-            problem, loss = None, None
+            # 1. every rank has a usable batch, before any rank enters the engine's forward collectives
+            problem, batch, loss = None, None, None
             try:
                 batch = next(batches)
-                loss = engine.loss(batch, loss_fn, f"gradient step {step}")
+                if loss_fn is None and not isinstance(batch, Mapping):
+                    problem = f"gradient step {step}: batch is a {type(batch).__name__}; pass dicts of model inputs, or loss_fn="
             except StopIteration:
                 problem = (f"the batches ran out after {step - 1} of grad_steps={config.grad_steps} gradient steps; "
                            "pass more batches or lower grad_steps")
+            collective.check(problem, f"gradient step {step} (batch)")
+            # 2. every rank has a finite scalar loss (the forward's collectives are behind us)
+            try:
+                loss = engine.loss(batch, loss_fn, f"gradient step {step}")
             except ValueError as failure:
                 problem = str(failure)
             collective.check(problem, f"gradient step {step} (loss)")

@@ -80,6 +80,8 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
     assert sum(held) == target  # the shards tile the weights exactly once (DDP too: each rank sums a slice)
     assert max(held) <= math.ceil(target / world) + 48 * len(report.layers)  # at most a row per layer over 1/world
 
+    assert all(fact["flags_restored"] for fact in facts)  # requires_grad as before estimation, FSDP2 too
+
     # a few training steps under the same engine: loss goes down, base weights stay
     for fact in facts:
         assert fact["losses"][-1] < fact["losses"][0] - 0.1, fact["losses"]
@@ -129,6 +131,15 @@ def test_a_rank_that_raises_fails_every_rank_clearly(tmp_path):
     assert "GoRADistributedError: gradient step 2 (loss): rank 1: gradient step 2: the model returned no loss" in result.stderr
     assert result.stderr.count("GoRADistributedError: gradient step 2") >= 2  # rank 0 raised too
     assert seconds < 120
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_rank_whose_data_ends_early_fails_every_rank_clearly(tmp_path, engine):
+    result, seconds = launch(engine, 2, tmp_path, mode="short")
+    assert result.returncode != 0
+    expected = "GoRADistributedError: gradient step 2 (batch): rank 1: the batches ran out after 1 of grad_steps=3"
+    assert result.stderr.count(expected) >= 2, result.stderr[-3000:]  # both ranks, before any forward
+    assert seconds < 60
 
 
 def test_disagreeing_rank_maps_are_an_error_not_a_divergence(tmp_path):

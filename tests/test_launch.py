@@ -281,3 +281,17 @@ def test_seq_cls_under_sharded_engines(three_classes, tmp_path, launcher, engine
 def test_zero2_trains(data, tmp_path):
     args = arguments(data, tmp_path, "--engine", "zero2", "--checkpoint-every", "0")
     check_sharded_run("deepspeed", args, tmp_path, 0.1, logits_with)
+
+
+def test_zero3_resume_continues_where_the_checkpoint_left_off(data, tmp_path):
+    """Under the deepspeed launcher: a run with a step-5 checkpoint, then a resume from that checkpoint
+    (its final adapter removed) must reach the same final adapter."""
+    args = arguments(data, tmp_path, "--engine", "zero3", "--checkpoint-every", "5")
+    check_sharded_run("deepspeed", args, tmp_path, 0.1, logits_with)
+    straight = adapter_tensors(tmp_path)
+    shutil.rmtree(tmp_path / "adapter")
+    result = launch("deepspeed", 2, args + ["--resume"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    resumed = adapter_tensors(tmp_path)
+    for key in straight:
+        assert torch.linalg.norm(resumed[key] - straight[key]) / torch.linalg.norm(straight[key]) < 1e-5, key

@@ -48,7 +48,8 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor, add) -> None:
         loss.backward()
         for name, module in self.targets.items():
-            add(name, self._owned(name, module.weight.grad))
+            if module.weight.grad is not None:  # None: the loss did not reach this layer (a zero gradient)
+                add(name, self._owned(name, module.weight.grad))
             module.weight.grad = None
 
     def close(self) -> None:

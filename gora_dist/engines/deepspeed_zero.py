@@ -28,6 +28,12 @@ def estimation_config(ds_config: dict) -> dict:
     config["zero_allow_untested_optimizer"] = True
     config.setdefault("steps_per_print", 2**31 - 1)
     stage = config.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    offload = config["zero_optimization"].get("offload_param", {}) or {}
+    if offload.get("device", "none") not in ("none", None):
+        raise ValueError(
+            f"zero_optimization.offload_param.device={offload.get('device')!r}: GoRA estimation reads each rank's "
+            "weight partition beside its gradient on the accelerator; estimate without parameter offload"
+        )
     if stage != 3:
         raise ValueError(
             f"zero_optimization.stage={stage}: sharded GoRA estimation reads ZeRO-3 gradient partitions; "

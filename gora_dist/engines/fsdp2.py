@@ -71,7 +71,8 @@ class FSDP2Engine:
         loss.backward()
         for name, module in self.targets.items():
             grad = module.weight.grad
-            add(name, grad.to_local().reshape(-1))
+            if grad is not None:  # None: the loss did not reach this layer (a zero gradient)
+                add(name, grad.to_local().reshape(-1))
             module.weight.grad = None
 
     def close(self) -> None:

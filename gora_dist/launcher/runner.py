@@ -121,6 +121,7 @@ def _all_mean(value: float, setup: Setup) -> float:
 
 def evaluate(trainer, encoder, examples, setup: Setup, micro: int) -> float:
     """Accuracy of the label-token choice; every rank runs the same number of batches (padded)."""
+    trainer.train_mode(False)
     mine = examples[setup.rank::setup.world]
     batches = math.ceil(math.ceil(len(examples) / setup.world) / micro)
     correct = 0.0
@@ -183,6 +184,10 @@ def run(config: TrainConfig, setup: Setup) -> dict:
                          f"x world size {setup.world}")
     accumulation = config.global_batch_size // (micro * setup.world)
     gora = config.gora_config()
+    if gora.adaptive_grad_steps and accumulation > 1:
+        raise ValueError(f"gora.adaptive_grad_steps counts backward passes; with {accumulation} micro-batches per global "
+                         "batch it could stop inside one and depend on the world size: set micro_batch_size so that "
+                         "global_batch_size = micro_batch_size x world size, or turn adaptive steps off")
     ds_stage = {"zero3": 3, "zero2": 2}.get(setup.engine)
 
     start_step, optimizer_tensors, metrics = 0, None, {"config": config.to_dict(), "world_size": setup.world}
@@ -237,6 +242,7 @@ def run(config: TrainConfig, setup: Setup) -> dict:
         losses = []
         bar = _progress(range(start_step, config.steps), setup.main, desc="training", unit="step")
         for step in bar:
+            trainer.train_mode(True)  # dropout on (evaluate switches it off)
             micro_losses = [trainer.micro_step(_to(encoder.batch([train[i] for i in indices]), setup.device), accumulation)
                             for indices in rank_micro_batches(next(stream), setup.rank, setup.world, micro)]
             trainer.optimizer_step()

@@ -65,6 +65,9 @@ class TorchTraining:
         self.named = trainable_parameters(model)
         self.optimizer, self.scheduler = make_optimizer(self.named, config)
 
+    def train_mode(self, training: bool) -> None:
+        self.runner.train(training)
+
     def micro_step(self, batch: dict, accumulation: int) -> float:
         loss = self.runner(**batch).loss
         (loss / accumulation).backward()
@@ -124,6 +127,9 @@ class DeepSpeedTraining:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device
 
+    def train_mode(self, training: bool) -> None:
+        self.engine.train(training)
+
     def micro_step(self, batch: dict, accumulation: int) -> float:
         loss = self.engine(**batch).loss
         self.engine.backward(loss)
@@ -156,6 +162,11 @@ class DeepSpeedTraining:
     def load_optimizer_state(self, tensors: Dict[str, torch.Tensor], step: int) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        inner = self.optimizer.optimizer  # the torch AdamW over ZeRO-3's flat fp32 partitions
+        for flat in getattr(self.optimizer, "fp32_partitioned_groups_flat", []):
+            if not inner.state[flat]:  # AdamW makes its state at the first step: make it now
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
         for name, param in self.named:
             for key in MOMENTS:
                 safe_set_full_optimizer_state(param, tensors[f"{name}/{key}"].to(self.device), key)

@@ -6,7 +6,7 @@ Builds the same tiny Llama on every rank (MLP 75 wide, so ZeRO-3's flat partitio
 gate/up_proj), gives each rank its slice of the same global batches, estimates a GoRA plan under
 ENGINE, writes it (rank 0) and per-rank facts as JSON, then trains the adapters a few steps under
 the same engine. MODE injects a failure: raise (rank 1's batch has no labels at step 2),
-disagree (rank 1 computes a different rank map), die (rank 1 SIGKILLs itself at step 2, which
+disagree (rank 1 computes a different rank map), short (rank 1 has one batch only), die (rank 1 SIGKILLs itself at step 2, which
 torchrun sees), vanish (rank 1 exits quietly with status 0 after its step-2 forward, which torchrun
 does not treat as a failure: only GoRA's own bounded waits stop rank 0). GORA_TIMEOUT sets the
 timeout of GoRA's collectives and of the process group (seconds, default 60); GORA_CONFIG, a JSON
@@ -48,6 +48,8 @@ def rank_batches(rank, world, mode):
             local = {"input_ids": local["input_ids"]}  # no labels: no loss
         if mode == "die" and rank == 1 and step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "short" and rank == 1 and step == 2:
+            return  # rank 1's data ends after one batch
         yield local
 
 
@@ -88,7 +90,8 @@ def main():
     plan = estimate_plan(model, rank_batches(rank, world, mode), CONFIG, engine=engine, timeout_s=timeout_s,
                          loss_fn=loss_fn, **kwargs)
 
-    facts = {"rank": rank, "world": world, "rank_map": plan.rank_map, "held_elements": plan.report.accumulator_elements,
+    facts = {"rank": rank, "world": world, "rank_map": plan.rank_map,
+             "flags_restored": all(p.requires_grad for p in model.parameters()), "held_elements": plan.report.accumulator_elements,
              "target_elements": sum(l.shape[0] * l.shape[1] for l in plan.report.layers.values()),
              "bytes": plan.report.timings["bytes_communicated"]}
     if rank == 0:
