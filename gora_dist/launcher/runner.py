@@ -243,6 +243,8 @@ def run(config: TrainConfig, setup: Setup) -> dict:
         bar = _progress(range(start_step, config.steps), setup.main, desc="training", unit="step")
         for step in bar:
             trainer.train_mode(True)  # dropout on (evaluate switches it off)
+            # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
+            torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
             micro_losses = [trainer.micro_step(_to(encoder.batch([train[i] for i in indices]), setup.device), accumulation)
                             for indices in rank_micro_batches(next(stream), setup.rank, setup.world, micro)]
             trainer.optimizer_step()
