@@ -27,7 +27,7 @@ from conftest import lm_batches, tiny_llama  # noqa: E402
 
 import gora_dist.plan  # noqa: E402
 from gora_dist import GoRAConfig, gora_modules, save_plan  # noqa: E402
-from gora_dist.distributed import apply_plan, estimate_plan  # noqa: E402
+from gora_dist.distributed import apply_plan, copy_plan_into_adapters, estimate_plan  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 GLOBAL_BATCH, GRAD_STEPS = 4, 3
@@ -144,6 +144,15 @@ def train(engine, model, plan, rank, world, steps=5):
         for block in model.model.layers:
             fully_shard(block)
         fully_shard(model)
+        # the meta-device flow's last step: write the plan into already-sharded adapters
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name:
+                    p.to_local().zero_()
+        copy_plan_into_adapters(model, plan)
+        written = {n: p.full_tensor() for n, p in model.named_parameters() if ".lora_" in n}
+        copied = all(torch.equal(written[f"{m}.lora_A"], plan.lora_a[m]) and torch.equal(written[f"{m}.lora_B"], plan.lora_b[m])
+                     for m in plan.lora_a)
         runner = model
     else:  # ddp
         from torch.nn.parallel import DistributedDataParallel
@@ -161,7 +170,7 @@ def train(engine, model, plan, rank, world, steps=5):
     state = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
     unchanged = all(torch.equal(p.detach(), reference.get_parameter(n.replace(".base.", ".")))
                     for n, p in state.items() if ".lora_" not in n)
-    return losses, unchanged
+    return losses, unchanged and (engine != "fsdp2" or copied)
 
 
 if __name__ == "__main__":
