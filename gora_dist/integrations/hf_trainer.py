@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..adapter_io import save_plan
 from ..config import GoRAConfig
+from ..gather import full_parameters
 from ..plan import GoRAPlan, apply_plan
 
 
@@ -93,18 +94,9 @@ def prepare_gora(model: nn.Module, train_dataset, config: GoRAConfig, *, args=No
 def gather_adapters(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Full (A, B) of every adapter on every rank, whether plain, FSDP2 DTensors or ZeRO-3 partitioned.
     A collective when sharded: every rank must call it."""
-    named = [(n, p) for n, p in model.named_parameters() if ".lora_A" in n or ".lora_B" in n]
-    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
-    if partitioned:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(partitioned):
-            tensors = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
-    else:
-        tensors = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", torch.float32)
-                   for n, p in named}
-    prefix = "module."
-    modules = sorted({n.rsplit(".lora_", 1)[0] for n in tensors})
+    tensors = full_parameters(model, lambda name: ".lora_A" in name or ".lora_B" in name)
+    prefix = "module."  # a DDP wrapper's parameter names
+    modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors})
     return {m[len(prefix):] if m.startswith(prefix) else m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"])
             for m in modules}
 
