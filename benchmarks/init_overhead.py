@@ -70,7 +70,7 @@ def peak_rss_mb() -> float:
 
 def ours(size: str, rank: int, world: int) -> dict:
     from gora_dist import GoRAConfig
-    from gora_dist.distributed import apply_plan, estimate_plan
+    from gora_dist.distributed import estimate_plan
 
     model = build_model(size)
     config = GoRAConfig(target_modules=TARGETS, grad_steps=STEPS)

@@ -9,6 +9,11 @@ import torch
 import torch.nn as nn
 
 
+def full_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A full float32 CPU copy of a plain tensor or an FSDP2 DTensor (a collective for the latter)."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().to("cpu", torch.float32)
+
+
 def full_parameters(model: nn.Module, wanted: Callable[[str], bool]) -> Dict[str, torch.Tensor]:
     """{name: full float32 CPU tensor} for the parameters whose name ``wanted`` accepts."""
     named = [(name, param) for name, param in model.named_parameters() if wanted(name)]
@@ -18,8 +23,7 @@ def full_parameters(model: nn.Module, wanted: Callable[[str], bool]) -> Dict[str
 
         with deepspeed.zero.GatheredParameters(partitioned):
             return {name: param.detach().to("cpu", torch.float32).clone() for name, param in named}
-    return {name: (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().to("cpu", torch.float32)
-            for name, param in named}
+    return {name: full_copy(param) for name, param in named}
 
 
 def under(prefixes) -> Callable[[str], bool]:

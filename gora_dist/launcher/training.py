@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from ..gather import full_copy
 from .config import TrainConfig
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -53,10 +54,6 @@ def set_schedule_step(optimizer, scheduler, step: int) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().to("cpu", torch.float32)
-
-
 class TorchTraining:
     """One process, DDP or FSDP2: a torch optimizer over the (possibly DTensor) adapter parameters."""
 
@@ -83,7 +80,7 @@ class TorchTraining:
         return self.runner(**inputs, **kwargs).logits.float()
 
     def full_trainable(self) -> Dict[str, torch.Tensor]:
-        return {name: _full(p) for name, p in self.named}
+        return {name: full_copy(p) for name, p in self.named}
 
     def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
         state = {}
@@ -91,7 +88,7 @@ class TorchTraining:
             entry = self.optimizer.state.get(param, {})
             for key in MOMENTS:
                 if key in entry:
-                    state[f"{name}/{key}"] = _full(entry[key])
+                    state[f"{name}/{key}"] = full_copy(entry[key])
         return state
 
     def load_optimizer_state(self, tensors: Dict[str, torch.Tensor], step: int) -> None:
