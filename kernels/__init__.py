@@ -1,12 +1,85 @@
 """Compute kernels of gora_dist, installed as ``gora_dist.kernels``.
 
-Each op has a pure-torch reference here; fused Triton versions sit beside their reference and are
-checked against it (on the CPU with ``TRITON_INTERPRET=1``).
+Each op has a pure-torch reference (``reference.py``) and a Triton version beside it:
+
+- ``lora.py``: y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ, forward and backward, any rank ≥ 1;
+- ``grouped_lora.py``: several such projections sharing x (q/k/v, gate/up), one shrink for all;
+- ``pinv_solve.py``: GoRA's B0 = -ξ·Ḡ·A0ᵀ·(A0A0ᵀ)⁻¹, and C = Ḡ·A0ᵀ alone for sharded plans;
+- ``matmul.py``: the one GEMM kernel they are built from.
+
+The functional entries below run Triton wherever it can run (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and the reference otherwise; ``GORA_DISABLE_KERNELS=1`` forces the reference.
+The Triton modules are imported on first use only, so importing this package never imports triton.
+See docs/kernels.md.
 """
 
-from .reference import lora_linear_reference
+from __future__ import annotations
 
-lora_linear = lora_linear_reference
-"""Functional LoRA layer ``x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``; differentiable in x, lora_A and lora_B."""
+from collections.abc import Sequence
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+import torch
+
+from .dispatch import kernels_disabled, triton_can_run, triton_installed
+from .reference import (
+    grouped_lora_linear_reference,
+    lora_linear_reference,
+    pinv_init_b_reference,
+    projected_gradient_reference,
+)
+
+
+def _frozen(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or not t.requires_grad for t in tensors)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Functional LoRA layer y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ; differentiable in x, lora_a and lora_b.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_a: (r, in); lora_b: (out, r).
+    Triton where it can run and the base (weight, bias) is frozen, else ``lora_linear_reference``.
+    """
+    if triton_can_run(x, weight, bias, lora_a, lora_b) and _frozen(weight, bias):
+        from .lora import lora_linear_triton
+
+        return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling)
+    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def grouped_lora_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                        lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor],
+                        scalings: Sequence[float]) -> list[torch.Tensor]:
+    """[x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ] for projections sharing x, with one shrink GEMM for all A_i.
+
+    Differentiable in x and every A_i, B_i. Triton where it can run and all bases are frozen, else the
+    per-projection reference.
+    """
+    if triton_can_run(x, *weights, *biases, *lora_as, *lora_bs) and _frozen(*weights, *biases):
+        from .grouped_lora import grouped_lora_linear_triton
+
+        return grouped_lora_linear_triton(x, weights, biases, lora_as, lora_bs, scalings)
+    return grouped_lora_linear_reference(x, weights, biases, lora_as, lora_bs, scalings)
+
+
+def projected_gradient(grad_rows: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """C = Ḡ·A0ᵀ (rows, r) float32; Triton where it can run, else the torch reference."""
+    if triton_can_run(grad_rows) and 1 <= lora_a.shape[0]:
+        from .pinv_solve import MAX_RANK, projected_gradient_triton
+
+        if lora_a.shape[0] <= MAX_RANK:
+            return projected_gradient_triton(grad_rows, lora_a)
+    return projected_gradient_reference(grad_rows, lora_a)
+
+
+__all__ = [
+    "grouped_lora_linear",
+    "grouped_lora_linear_reference",
+    "kernels_disabled",
+    "lora_linear",
+    "lora_linear_reference",
+    "pinv_init_b_reference",
+    "projected_gradient",
+    "projected_gradient_reference",
+    "triton_can_run",
+    "triton_installed",
+]
