@@ -57,6 +57,12 @@ class GoRAConfig:
     rank_rounding: str = "round"
     """How b·a_i/f_i becomes an integer: ``round`` (half up), ``floor`` or ``ceil``."""
 
+    fit_budget: bool = False
+    """Not in the paper: rescale the ideal ranks so that, after clipping to [rank_min, rank_max] and
+    rounding, the adapters' parameter count is as close as it can be to LoRA's at ``rank_ref`` (the
+    paper's clip lets the total drift, e.g. 11 % under when a few layers hit rank_max). For
+    comparisons at equal budget."""
+
     seed: int = 0
     """Seeds A0 together with each module's name, so every process draws the same A0."""
 

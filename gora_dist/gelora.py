@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .allocation import Shape, lora_reference_count, round_rank
+from .allocation import Shape, clip_ranks, fit_to_budget, lora_param_count, lora_reference_count
 from .intrinsic_dimension import twonn
 
 
@@ -82,10 +82,12 @@ def gelora_rank_map(
             notes.append(f"{name}: in no transformer block, given rank_ref={rank_ref}")
         raw[name] = float(rank_ref if owner is None else ranks_per_block[owner])
     if scale_to_budget:
-        spent = sum((shape[0] + shape[1]) * raw[name] for name, shape in shapes.items())
-        factor = lora_reference_count(shapes, rank_ref) / spent if spent > 0 else 1.0
-        raw = {name: value * factor for name, value in raw.items()}
-        notes.append(f"GeLoRA ranks scaled by {factor:.3g} to LoRA's budget at rank_ref={rank_ref}")
-    ranks = {name: min(max(round_rank(value, "round"), rank_min), rank_max, min(shapes[name]))
-             for name, value in raw.items()}
+        if any(value > 0 for value in raw.values()):
+            target = lora_reference_count(shapes, rank_ref)
+            ranks = fit_to_budget(raw, shapes, target, rank_min=rank_min, rank_max=rank_max)
+            notes.append(f"GeLoRA ranks scaled to LoRA's budget at rank_ref={rank_ref}: "
+                         f"{lora_param_count(shapes, ranks):,} of {target:,} parameters after clipping")
+            return ranks, notes
+        notes.append("every GeLoRA rank is 0: nothing to scale, ranks are clipped as they are")
+    ranks = clip_ranks(raw, shapes, rank_min=rank_min, rank_max=rank_max)
     return ranks, notes

@@ -253,7 +253,8 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     dimensions = []
     if sampler is None:
         ranks = allocate_ranks(advantage, shapes, rank_ref=config.rank_ref, rank_min=config.rank_min,
-                               rank_max=config.rank_max, features=config.rank_features, rounding=config.rank_rounding)
+                               rank_max=config.rank_max, features=config.rank_features, rounding=config.rank_rounding,
+                               fit_budget=config.fit_budget)
     else:
         points = _gathered_points(sampler.stacked(), collective)
         dimensions = level_dimensions(points, config.gelora_method)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gora_dist.allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget, round_rank
+from gora_dist.allocation import allocate_ranks, fit_to_budget, lora_param_count, lora_reference_count, rank_budget, round_rank
 from gora_dist.importance import abs_wg_partial_sum, layer_importance, normalize_importance, relative_change
 from gora_dist.initialization import (
     gora_init_b,
@@ -95,6 +95,30 @@ def test_rank_zero_is_allowed_with_rank_min_zero():
     shapes = {"a": (50, 50), "b": (50, 50)}
     assert allocate_ranks({"a": 1.0, "b": 0.0}, shapes, rank_ref=4, rank_min=0, rank_max=16)["b"] == 0
 
+
+
+def test_fit_budget_recovers_what_the_clip_at_rank_max_gives_up():
+    # two dominant layers: the paper's clip gives them 16 instead of ~29 and the total falls under budget
+    shapes = {f"l{i}": (100, 100) for i in range(8)}
+    advantage = normalize_importance({"l0": 30.0, "l1": 30.0, **{f"l{i}": 1.0 + 0.1 * i for i in range(2, 8)}})
+    target = lora_reference_count(shapes, 8)  # 12,800
+    clipped = allocate_ranks(advantage, shapes, rank_ref=8, rank_min=4, rank_max=16, features="identity")
+    fitted = allocate_ranks(advantage, shapes, rank_ref=8, rank_min=4, rank_max=16, features="identity", fit_budget=True)
+    assert lora_param_count(shapes, clipped) < 0.9 * target
+    assert clipped["l0"] == fitted["l0"] == 16
+    # every layer here costs 200 parameters per rank: the fit lands within half a rank of the target
+    assert abs(lora_param_count(shapes, fitted) - target) <= 100
+    assert all(4 <= r <= 16 for r in fitted.values())
+    order = sorted(shapes, key=lambda n: advantage[n])
+    assert [fitted[n] for n in order] == sorted(fitted.values())  # the importance order is kept
+
+
+def test_fit_budget_stops_at_the_caps():
+    shapes = {"a": (10, 10), "b": (10, 10)}
+    ranks = fit_to_budget({"a": 1.0, "b": 3.0}, shapes, 10_000, rank_min=1, rank_max=6)
+    assert ranks == {"a": 6, "b": 6}
+    with pytest.raises(ValueError, match="every ideal rank is 0"):
+        fit_to_budget({"a": 0.0, "b": 0.0}, shapes, 100, rank_min=1, rank_max=6)
 
 # --- initialisation ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ def test_scaling_to_the_budget():
                                    rank_max=64, scale_to_budget=True)
     assert ranks == {"b.0.w": 2, "b.1.w": 4, "b.2.w": 6, "b.3.w": 12}  # × 2 = 24 / 12
     assert lora_param_count(shapes, ranks) == lora_reference_count(shapes, 6)
-    assert "scaled by 2" in notes[0]
+    assert "4,800 of 4,800 parameters" in notes[0]
 
 
 def test_allocator_on_a_tiny_model_is_bounded_and_deterministic():

