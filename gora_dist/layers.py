@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _module_hooks
+
+from gora_dist.kernels import triton_can_run
 
 from .initialization import rslora_scaling
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class GoRALinear(nn.Module):
@@ -17,6 +22,10 @@ class GoRALinear(nn.Module):
     both float32 (PEFT's choice for half-precision bases, keeps small updates from rounding away);
     ``scaling`` = α/√rank with rsLoRA (the paper's runs), else α/rank. The adapters start at zero:
     GoRA's initialisation (or a checkpoint) fills them.
+
+    ``use_kernel`` (default True): on CUDA, with triton installed and ``GORA_DISABLE_KERNELS`` unset,
+    forward runs the fused Triton layer (``gora_dist.kernels.lora``) whenever it computes the same
+    thing as the torch path and bypassing ``self.base(x)`` skips nothing; see :meth:`kernel_applies`.
     """
 
     def __init__(
@@ -28,6 +37,7 @@ class GoRALinear(nn.Module):
         use_rslora: bool = True,
         dropout: float = 0.0,
         adapter_dtype: torch.dtype = torch.float32,
+        use_kernel: bool = True,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -43,6 +53,7 @@ class GoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=adapter_dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.use_kernel = use_kernel
 
     @property
     def in_features(self) -> int:
@@ -57,7 +68,44 @@ class GoRALinear(nn.Module):
         """The frozen base weight (some model code reads ``.weight.dtype`` of its linear layers)."""
         return self.base.weight
 
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether forward may take the fused Triton path for this input; else the torch path.
+
+        The kernel reads ``base.weight`` directly instead of calling ``self.base(x)``, so it is used only
+        when nothing is lost by that: a plain ``nn.Linear`` with a frozen, fully materialised weight (not
+        a DeepSpeed ZeRO-3 parameter, whose gathering and prefetch bookkeeping live in the base module's
+        hooks; not an FSDP2 DTensor: under ``fully_shard`` of the enclosing block the weight is a plain
+        unsharded tensor during forward and qualifies), no forward hooks on the base or global ones, no
+        active dropout (the adapter would see a different x than the base), no autocast (the Function
+        does not cast), not inside torch.compile, matching dtypes, and everything on one CUDA device.
+        """
+        base = self.base
+        if not (self.use_kernel and x.is_cuda and type(base) is nn.Linear):
+            return False
+        weight, bias = base.weight, base.bias
+        if base._forward_hooks or base._forward_pre_hooks or _module_hooks._global_forward_hooks \
+                or _module_hooks._global_forward_pre_hooks:
+            return False
+        if hasattr(weight, "ds_id") or hasattr(weight, "device_mesh"):
+            return False
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            return False
+        if torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling():
+            return False
+        if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            return False
+        if self.lora_A.dtype not in KERNEL_DTYPES or self.lora_B.dtype != self.lora_A.dtype:
+            return False
+        return triton_can_run(x, weight, bias, self.lora_A, self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_applies(x):
+            # imports triton on first use only
+            from gora_dist.kernels.lora import lora_linear_triton
+
+            return lora_linear_triton(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
         # Call self.base(...) rather than F.linear(x, self.base.weight): engines that shard the
         # weight (ZeRO-3) gather it in the base module's own forward hooks.
         result = self.base(x)
@@ -70,6 +118,24 @@ class GoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:.4g}"
+
+
+def grouped_forward(modules: Sequence[GoRALinear], x: torch.Tensor) -> List[torch.Tensor]:
+    """[module(x) for module in modules] for GoRALinear layers that share their input (q/k/v, gate/up).
+
+    When every module takes the kernel path (:meth:`GoRALinear.kernel_applies`) and their adapters share
+    a dtype, one shrink GEMM computes x·Aᵢᵀ for all of them (``gora_dist.kernels.grouped_lora``); else
+    each module's own forward runs. Use it in a model's attention or MLP forward, e.g.
+    ``q, k, v = grouped_forward([self.q_proj, self.k_proj, self.v_proj], hidden_states)``.
+    """
+    modules = list(modules)
+    if len(modules) > 1 and len({m.lora_A.dtype for m in modules}) == 1 and all(m.kernel_applies(x) for m in modules):
+        from gora_dist.kernels.grouped_lora import grouped_lora_linear_triton
+
+        return grouped_lora_linear_triton(
+            x, [m.base.weight for m in modules], [m.base.bias for m in modules], [m.lora_A for m in modules],
+            [m.lora_B for m in modules], [m.scaling for m in modules])
+    return [module(x) for module in modules]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

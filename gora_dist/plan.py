@@ -24,6 +24,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 
+from gora_dist.kernels import projected_gradient, triton_can_run
+
 from .allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
 from .collectives import Collective, GoRADistributedError
 from .config import GoRAConfig
@@ -178,6 +180,30 @@ def _gathered_points(local: torch.Tensor, collective: Collective) -> torch.Tenso
 
 # --- initialisation -------------------------------------------------------------------------------
 
+def _add_projection(part: torch.Tensor, grad_flat: torch.Tensor, shard: FlatShard, a0: torch.Tensor,
+                    use_kernel: bool) -> None:
+    """part (rows, r) += this shard's share of C = Ḡ·A0ᵀ.
+
+    use_kernel (CUDA shards with triton, unless GORA_DISABLE_KERNELS=1): the rows lying wholly inside
+    the shard go through the Triton kernel (``gora_dist.kernels.pinv_solve``, one read of the shard);
+    a row cut by a ZeRO-3 partition boundary at either end stays with ``add_shard_product``. Otherwise
+    (and always on the CPU) ``add_shard_product`` does it all, exactly as before.
+    """
+    cols = shard.cols
+    first_row = -(-shard.start // cols)  # first row starting inside the shard
+    end_row = shard.stop // cols  # rows [first_row, end_row) lie wholly inside it
+    if not use_kernel or end_row <= first_row:
+        add_shard_product(part, grad_flat, shard, a0)
+        return
+    head = first_row * cols - shard.start
+    body = (end_row - first_row) * cols
+    if head:
+        add_shard_product(part, grad_flat[:head], FlatShard(shard.start, first_row * cols, shard.rows, cols), a0)
+    part[first_row:end_row] += projected_gradient(grad_flat[head:head + body].view(-1, cols), a0)
+    if head + body < shard.numel:
+        add_shard_product(part, grad_flat[head + body:], FlatShard(end_row * cols, shard.stop, shard.rows, cols), a0)
+
+
 def _projected_gradients(engine, accumulator, lora_a: Dict[str, torch.Tensor], collective: Collective):
     """C = Ḡ·A0ᵀ per layer, summed over ranks (partial rows included) in buckets; frees each sum."""
     projected, bucket, bucket_size = {}, [], 0
@@ -197,7 +223,8 @@ def _projected_gradients(engine, accumulator, lora_a: Dict[str, torch.Tensor], c
     for name, a0 in lora_a.items():
         shard = engine.shard(name)
         part = torch.zeros(shard.rows, a0.shape[0], dtype=torch.float32, device=accumulator.sums[name].device)
-        add_shard_product(part, accumulator.mean(name), shard, a0)
+        grad_flat = accumulator.mean(name)
+        _add_projection(part, grad_flat, shard, a0, use_kernel=grad_flat.is_cuda and triton_can_run(grad_flat))
         accumulator.release(name)
         projected[name] = part
         bucket.append(name)

@@ -1,0 +1,422 @@
+"""Triton kernels against their torch references: outputs and every gradient, over (dtype, atol, rtol).
+
+How the CPU cases run: Triton's interpreter must be switched on (``TRITON_INTERPRET=1``) before the
+kernel modules are first imported, and setting it inside this pytest process would leak into every
+other test module (collection imports them all first). So in a normal session the CPU cases are
+skipped and ``test_interpreter_suite`` runs this file again in a child pytest with the variable set,
+where they run (and the GPU cases skip). GPU cases (names contain ``gpu``) run in-process when CUDA
+is there, without the interpreter. Everything skips, with the reason, when triton is not installed.
+Shapes are small on purpose: the interpreter runs every program instance in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' brings it)")
+
+from gora_dist.kernels import (  # noqa: E402
+    grouped_lora_linear,
+    grouped_lora_linear_reference,
+    lora_linear,
+    lora_linear_reference,
+    pinv_init_b_reference,
+    projected_gradient_reference,
+    triton_can_run,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of test_interpreter_suite")
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+# Layer dtype, then (atol, rtol) for y and dX. The kernel rounds y once from float32; the reference rounds
+# the base output and then the sum, so they differ by about one unit in the last place of O(1) outputs.
+LAYER_TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5),  # same float32 math, only the summation order differs
+    (torch.float16, 4e-3, 4e-3),  # fp16 ulp is 2^-10 relative: one or two ulps of |y| <= 4
+    (torch.bfloat16, 3e-2, 2e-2),  # bf16 ulp is 2^-7 relative, and the interpreter's bf16 store truncates
+]
+# dA and dB are float32 adapter gradients computed in float32 on both sides (exact float32 dots under
+# the interpreter): only the order of summation differs.
+ADAPTER_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+RANKS = [1, 3, 7, 13, 17, 32]
+
+
+def _layer(dtype, rank, *, in_features=45, out_features=37, bias=True, tokens=(3, 13), seed=0, device="cpu"):
+    """Odd sizes (45 in, 37 out, 39 tokens: partial tiles everywhere) scaled so that |y| stays O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    x = randn(*tokens, in_features).to(dtype).requires_grad_()
+    weight = randn(out_features, in_features, scale=in_features ** -0.5).to(dtype)
+    bias_ = randn(out_features, scale=0.5).to(dtype) if bias else None
+    lora_a = randn(rank, in_features, scale=in_features ** -0.5).requires_grad_()
+    lora_b = randn(out_features, rank, scale=0.3).requires_grad_()
+    grad_out = randn(*tokens, out_features).to(dtype)
+    return x, weight, bias_, lora_a, lora_b, grad_out
+
+
+def _outputs_and_grads(fn, x, weight, bias, lora_a, lora_b, scaling, grad_out):
+    y = fn(x, weight, bias, lora_a, lora_b, scaling)
+    grads = torch.autograd.grad(y, (x, lora_a, lora_b), grad_out)
+    return (y, *grads)
+
+
+def _assert_matches(got, want, atol, rtol, what):
+    assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype, got.shape, want.shape)
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _relative_error(got, want):
+    return float(torch.linalg.norm(got.detach().double() - want.detach().double()) / torch.linalg.norm(want.detach().double()).clamp_min(1e-30))
+
+
+# --- the fused layer ----------------------------------------------------------------------------------
+
+@interpreted
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), LAYER_TOLERANCES)
+def test_lora_linear_matches_reference(dtype, atol, rtol, rank, bias):
+    x, weight, bias_, lora_a, lora_b, grad_out = _layer(dtype, rank, bias=bias, seed=rank)
+    scaling = 16 / math.sqrt(rank)
+    got = _outputs_and_grads(lora_linear, x, weight, bias_, lora_a, lora_b, scaling, grad_out)
+    want = _outputs_and_grads(lora_linear_reference, x, weight, bias_, lora_a, lora_b, scaling, grad_out)
+    for name, g, w in zip(["y", "dX"], got[:2], want[:2]):
+        _assert_matches(g, w, atol, rtol, name)
+    for name, g, w in zip(["dA", "dB"], got[2:], want[2:]):
+        _assert_matches(g, w, what=name, **ADAPTER_TOLERANCE)
+
+
+@interpreted
+def test_lora_linear_is_no_worse_than_the_reference_against_float64():
+    """bf16: the kernel's single rounding is at least as close to the exact result as the reference."""
+    x, weight, bias, lora_a, lora_b, _ = _layer(torch.bfloat16, 13)
+    exact = lora_linear_reference(x.double(), weight.double(), bias.double(), lora_a.double(), lora_b.double(), 2.0)
+    kernel_error = (lora_linear(x, weight, bias, lora_a, lora_b, 2.0).double() - exact).abs().max()
+    reference_error = (lora_linear_reference(x, weight, bias, lora_a, lora_b, 2.0).double() - exact).abs().max()
+    assert kernel_error <= reference_error * 1.01
+
+
+@interpreted
+def test_bf16_adapters_and_strided_input():
+    """Adapters in bf16 (FSDP2 mixed precision casts them) and an x that is a transposed view.
+
+    The reference runs the adapter in bf16 (S rounded, dA/dB summed by bf16 matmuls), the kernel in
+    float32 with one bf16 rounding on store: both are compared with the float64 result, and the kernel
+    must be within a bf16 rounding (2^-8 relative, Frobenius) and no worse than the reference."""
+    x, weight, bias, lora_a, lora_b, grad_out = _layer(torch.float32, 7, tokens=(13, 3))
+    x_t = x.detach().transpose(0, 1).requires_grad_()  # (3, 13, in), not contiguous
+    grad_t = grad_out.transpose(0, 1)
+    lora_a16 = lora_a.detach().bfloat16().requires_grad_()
+    lora_b16 = lora_b.detach().bfloat16().requires_grad_()
+    got = _outputs_and_grads(lora_linear, x_t, weight, bias, lora_a16, lora_b16, 1.5, grad_t)
+    want = _outputs_and_grads(lora_linear_reference, x_t, weight, bias, lora_a16, lora_b16, 1.5, grad_t)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (x_t, lora_a16, lora_b16)]
+    exact = _outputs_and_grads(lora_linear_reference, exact_inputs[0], weight.double(), bias.double(),
+                               exact_inputs[1], exact_inputs[2], 1.5, grad_t.double())
+    for name, g, w, e in zip(["y", "dX", "dA", "dB"], got, want, exact):
+        assert g.dtype == w.dtype, (name, g.dtype, w.dtype)
+        kernel_error, reference_error = _relative_error(g, e), _relative_error(w, e)
+        assert kernel_error < 2 ** -8 and kernel_error <= reference_error * 1.01 + 1e-6, (name, kernel_error, reference_error)
+
+
+@interpreted
+def test_empty_batch_and_frozen_only_inputs():
+    x, weight, bias, lora_a, lora_b, _ = _layer(torch.float32, 3, tokens=(0, 5))
+    y = lora_linear(x, weight, bias, lora_a, lora_b, 1.0)
+    assert y.shape == (0, 5, 37)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and float(lora_a.grad.abs().sum()) == 0.0
+    # no gradient wanted for x: only the adapters' backward runs
+    x, weight, bias, lora_a, lora_b, grad_out = _layer(torch.float32, 3)
+    x = x.detach()
+    got = torch.autograd.grad(lora_linear(x, weight, bias, lora_a, lora_b, 1.0), (lora_a, lora_b), grad_out)
+    want = torch.autograd.grad(lora_linear_reference(x, weight, bias, lora_a, lora_b, 1.0), (lora_a, lora_b), grad_out)
+    for name, g, w in zip(["dA", "dB"], got, want):
+        _assert_matches(g, w, what=name, **ADAPTER_TOLERANCE)
+
+
+@interpreted
+def test_trainable_base_and_disabled_kernels_fall_back_to_the_reference(monkeypatch):
+    x, weight, bias, lora_a, lora_b, _ = _layer(torch.float32, 3)
+    assert triton_can_run(x, weight)
+    weight.requires_grad_()
+    lora_linear(x, weight, bias, lora_a, lora_b, 1.0).sum().backward()
+    assert weight.grad is not None  # only the reference path gives the base a gradient
+    monkeypatch.setenv("GORA_DISABLE_KERNELS", "1")
+    assert not triton_can_run(x, weight)
+
+
+@interpreted
+@pytest.mark.parametrize(("change", "culprit"), [
+    ({"lora_b": torch.zeros(37, 4)}, "lora_b"),
+    ({"lora_a": torch.zeros(3, 44)}, "lora_a"),
+    ({"bias": torch.zeros(36)}, "bias"),
+    ({"weight": torch.zeros(37, 45, dtype=torch.float16)}, "weight"),
+    ({"lora_b": torch.zeros(37, 3, dtype=torch.float64)}, "lora_b"),
+    ({"x": torch.zeros(2, 44)}, "x"),
+])
+def test_errors_name_the_tensor(change, culprit):
+    x, weight, bias, lora_a, lora_b, _ = _layer(torch.float32, 3)
+    args = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, **change}
+    from gora_dist.kernels.lora import lora_linear_triton
+
+    with pytest.raises(ValueError, match=culprit):
+        lora_linear_triton(scaling=1.0, **args)
+
+
+@interpreted
+def test_zero3_partitioned_weight_is_gathered_in_backward_and_repartitioned():
+    """A stand-in for a DeepSpeed ZeRO-3 parameter: ds_id, ds_status, all_gather(), partition()."""
+    x, weight, bias, lora_a, lora_b, grad_out = _layer(torch.float32, 7)
+    full = weight.clone()
+    calls = []
+
+    def all_gather():
+        calls.append("all_gather")
+        weight.data = full.clone()
+        weight.ds_status = SimpleNamespace(name="AVAILABLE")
+
+    def partition():
+        calls.append("partition")
+        weight.data = torch.empty(0)
+        weight.ds_status = SimpleNamespace(name="NOT_AVAILABLE")
+
+    weight.ds_id, weight.all_gather, weight.partition = 0, all_gather, partition
+    weight.ds_status = SimpleNamespace(name="AVAILABLE")  # gathered by the caller's hooks for forward
+    y = lora_linear(x, weight, bias, lora_a, lora_b, 1.0)
+    partition()  # ZeRO-3 releases it after forward
+    calls.clear()
+    grads = torch.autograd.grad(y, (x, lora_a, lora_b), grad_out)
+    assert calls == ["all_gather", "partition"] and weight.numel() == 0
+    want = _outputs_and_grads(lora_linear_reference, x, full, bias, lora_a, lora_b, 1.0, grad_out)
+    _assert_matches(grads[0], want[1], 1e-5, 1e-5, "dX")
+
+
+# --- grouped projections ---------------------------------------------------------------------------------
+
+def _qkv(dtype, ranks=(7, 3, 13), outs=(48, 24, 24), bias=True, device="cpu"):
+    gen = torch.Generator().manual_seed(3)
+    in_features = 48
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    x = randn(2, 9, in_features).to(dtype).requires_grad_()
+    weights = [randn(n, in_features, scale=in_features ** -0.5).to(dtype) for n in outs]
+    biases = [randn(n, scale=0.5).to(dtype) if bias and i != 1 else None for i, n in enumerate(outs)]
+    lora_as = [randn(r, in_features, scale=in_features ** -0.5).requires_grad_() for r in ranks]
+    lora_bs = [randn(n, r, scale=0.3).requires_grad_() for n, r in zip(outs, ranks)]
+    scalings = [16 / math.sqrt(r) for r in ranks]
+    grad_outs = [randn(2, 9, n).to(dtype) for n in outs]
+    return x, weights, biases, lora_as, lora_bs, scalings, grad_outs
+
+
+@interpreted
+@pytest.mark.parametrize("used", [3, 2])  # 2: v's output does not reach the loss
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), LAYER_TOLERANCES[:2])
+def test_grouped_qkv_matches_reference(dtype, atol, rtol, bias, used):
+    x, weights, biases, lora_as, lora_bs, scalings, grad_outs = _qkv(dtype, bias=bias)
+    results = []
+    for fn in (grouped_lora_linear, grouped_lora_linear_reference):
+        ys = fn(x, weights, biases, lora_as, lora_bs, scalings)
+        loss = sum((y * g).sum() for y, g in zip(ys[:used], grad_outs)).float()
+        results.append((ys, torch.autograd.grad(loss, [x, *lora_as, *lora_bs], allow_unused=True)))
+    (ys, grads), (ys_ref, grads_ref) = results
+    for i, (y, y_ref) in enumerate(zip(ys, ys_ref)):
+        _assert_matches(y, y_ref, atol, rtol, f"y[{i}]")
+    _assert_matches(grads[0], grads_ref[0], atol, rtol, "dX")
+    names = [f"dA[{i}]" for i in range(3)] + [f"dB[{i}]" for i in range(3)]
+    for name, g, w in zip(names, grads[1:], grads_ref[1:]):
+        if w is None:  # unused projection: no gradient, or an all-zero one
+            assert g is None or float(g.abs().max()) == 0.0, name
+        else:
+            _assert_matches(g, w, what=name, **ADAPTER_TOLERANCE)
+
+
+@interpreted
+def test_grouped_errors_name_the_projection():
+    x, weights, biases, lora_as, lora_bs, scalings, _ = _qkv(torch.float32)
+    lora_bs[2] = torch.zeros(24, 5)
+    with pytest.raises(ValueError, match=r"grouped_lora_linear\[2\].*lora_b"):
+        grouped_lora_linear(x, weights, biases, lora_as, lora_bs, scalings)
+    with pytest.raises(ValueError, match="scalings"):
+        grouped_lora_linear(x, weights, biases, lora_as, lora_bs, scalings[:2])
+
+
+# --- the pseudo-inverse solve ------------------------------------------------------------------------------
+
+def _gradient_and_a(rows=37, cols=50, rank=13, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    bound = cols ** -0.5
+    return torch.randn(rows, cols, generator=gen), (torch.rand(rank, cols, generator=gen) * 2 - 1) * bound
+
+
+@interpreted
+@pytest.mark.parametrize("rank", [1, 7, 32])
+def test_projected_gradient_and_b0_match_reference(rank):
+    from gora_dist.kernels.pinv_solve import pinv_init_b_triton, projected_gradient_triton
+
+    grad, lora_a = _gradient_and_a(rank=rank)
+    c_ref = projected_gradient_reference(grad, lora_a)
+    torch.testing.assert_close(projected_gradient_triton(grad, lora_a), c_ref, atol=1e-5, rtol=1e-5)
+    b0_ref = pinv_init_b_reference(grad, lora_a, 0.3)  # solved in float64
+    b0 = pinv_init_b_triton(grad, lora_a, 0.3)
+    # float32 K⁻¹ of a well-conditioned Gram (cond ≈ 1 for Kaiming A0 with r ≪ in): float32-level error
+    torch.testing.assert_close(b0, b0_ref, atol=1e-5 * float(b0_ref.abs().max()), rtol=1e-4)
+    b0_bf16 = pinv_init_b_triton(grad, lora_a, 0.3, dtype=torch.bfloat16)
+    assert b0_bf16.dtype == torch.bfloat16
+    # one bf16 rounding; the interpreter's float32 -> bf16 store truncates (GPUs round to nearest): 2^-7
+    torch.testing.assert_close(b0_bf16.float(), b0_ref, atol=0, rtol=2 ** -7)
+
+
+@interpreted
+def test_b0_of_a_row_shard_is_the_same_rows_and_layers_run_together():
+    from gora_dist.kernels.pinv_solve import pinv_init_b_layers, pinv_init_b_triton
+
+    grad, lora_a = _gradient_and_a()
+    full = pinv_init_b_triton(grad, lora_a, 0.7)
+    torch.testing.assert_close(pinv_init_b_triton(grad[5:20], lora_a, 0.7), full[5:20], atol=1e-6, rtol=1e-5)  # tiles differ: summation order
+    second_grad, second_a = _gradient_and_a(rows=20, cols=33, rank=3, seed=1)
+    b0 = pinv_init_b_layers({"q": grad, "k": second_grad}, {"q": lora_a, "k": second_a}, {"q": 0.7, "k": 0.2})
+    torch.testing.assert_close(b0["q"], full)
+    torch.testing.assert_close(b0["k"], pinv_init_b_reference(second_grad, second_a, 0.2), atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="lora_a"):
+        pinv_init_b_triton(grad, lora_a[:, :40], 0.7)
+
+
+@interpreted
+@pytest.mark.parametrize(("start", "stop"), [(0, 37 * 50), (75, 1234), (120, 140), (50, 37 * 50 - 7)])
+def test_plan_projection_hook_matches_the_torch_shard_product(start, stop):
+    """plan._add_projection with the kernel on ZeRO-3-style flat shards that cut rows at both ends."""
+    from gora_dist.plan import _add_projection
+    from gora_dist.shards import FlatShard, add_shard_product
+
+    grad, lora_a = _gradient_and_a()
+    shard = FlatShard(start, stop, 37, 50)
+    flat = grad.reshape(-1)[start:stop]
+    got, want = torch.zeros(37, 13), torch.zeros(37, 13)
+    _add_projection(got, flat, shard, lora_a, use_kernel=True)
+    add_shard_product(want, flat, shard, lora_a)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- the interpreter run and the GPU ------------------------------------------------------------------------
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child run")
+def test_interpreter_suite():
+    """Run this file's CPU cases under TRITON_INTERPRET=1 in a child pytest (see the module docstring)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "GORA_DISABLE_KERNELS": ""}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not gpu and not interpreter_suite"]
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"interpreter run: {summary} ({time.perf_counter() - start:.1f} s)")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a real GPU target; not needed in the interpreter run")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not compile; this lowers the kernels to PTX/cubin for an H100 (sm_90), no
+    device needed, so GPU-only compile errors show up on CPU machines too."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from gora_dist.kernels import matmul, pinv_solve
+
+    def build(kernel, pointer_types, scalar_types, constants, **options):
+        fn = kernel.fn  # the autotuner wraps the jitted function
+        signature = {}
+        for name in fn.arg_names:
+            signature[name] = "constexpr" if name in constants else pointer_types.get(name) or scalar_types.get(name, "i32")
+        constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
+        return triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+
+    floats = {"alpha1": "fp32", "alpha2": "fp32"}
+    for layer, upcast, precision in [("bf16", False, "tf32"), ("fp32", False, "ieee"), ("bf16", True, "tf32")]:
+        pointers = {name: "*fp32" for name in ("out_ptr", "p2_ptr", "q2_ptr", "c_in_ptr")}
+        pointers.update(p1_ptr=f"*{layer}", q1_ptr="*fp32" if upcast else f"*{layer}", bias_ptr=f"*{layer}")
+        constants = {"HAS_P2": True, "HAS_BIAS": True, "HAS_C_IN": True, "UPCAST1": upcast, "PRECISION1": precision,
+                     "PRECISION2": precision, "BLOCK_K2": 32, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
+        compiled = build(matmul._two_product_kernel, pointers, floats, constants, num_warps=8, num_stages=3)
+        assert "cubin" in compiled.asm, list(compiled.asm)
+    pointers = {name: "*fp32" for name in ("out_ptr", "grad_ptr", "a_ptr", "kinv_ptr")}
+    constants = {"HAS_SOLVE": True, "BLOCK_R": 32, "BLOCK_M": 64, "BLOCK_K": 64}
+    assert "cubin" in build(pinv_solve._project_solve_kernel, pointers, {"neg_xi": "fp32"}, constants, num_warps=4).asm
+
+
+# GPU: bf16 and realistic sizes. TF32 rank-r products for 16-bit layers, cuBLAS in the reference:
+# compare by relative Frobenius error; each bound has its reason.
+GPU_BOUNDS = [
+    (torch.bfloat16, 8e-3),  # bf16 output rounding (2^-9 relative per element, averaged) + TF32 adapter dots
+    (torch.float16, 2e-3),  # fp16 output rounding (2^-11) + TF32 adapter dots
+    (torch.float32, 1e-5),  # exact float32 ("ieee") everywhere, only the order differs
+]
+
+
+
+@gpu
+@pytest.mark.parametrize("rank", [4, 13, 32])
+@pytest.mark.parametrize(("dtype", "bound"), GPU_BOUNDS)
+def test_gpu_lora_linear_realistic_sizes(dtype, bound, rank):
+    x, weight, bias, lora_a, lora_b, grad_out = _layer(dtype, rank, in_features=4096, out_features=1024,
+                                                       tokens=(2, 1024), device="cuda")
+    scaling = 2 / math.sqrt(rank)
+    got = _outputs_and_grads(lora_linear, x, weight, bias, lora_a, lora_b, scaling, grad_out)
+    want = _outputs_and_grads(lora_linear_reference, x, weight, bias, lora_a, lora_b, scaling, grad_out)
+    for name, g, w in zip(["y", "dX", "dA", "dB"], got, want):
+        assert g.dtype == w.dtype and _relative_error(g, w) < bound, (name, _relative_error(g, w))
+
+
+@gpu
+@pytest.mark.parametrize(("dtype", "bound"), GPU_BOUNDS[:2])
+def test_gpu_grouped_and_goralinear(dtype, bound):
+    from gora_dist.layers import GoRALinear, grouped_forward
+
+    x, weights, biases, lora_as, lora_bs, scalings, grad_outs = _qkv(dtype, ranks=(16, 5, 27), outs=(512, 128, 128),
+                                                                     device="cuda")
+    modules = []
+    for weight, bias, lora_a, lora_b in zip(weights, biases, lora_as, lora_bs):
+        base = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            base.weight.copy_(weight)
+            if bias is not None:
+                base.bias.copy_(bias)
+        module = GoRALinear(base, lora_a.shape[0], alpha=16.0)
+        with torch.no_grad():
+            module.lora_A.copy_(lora_a)
+            module.lora_B.copy_(lora_b)
+        modules.append(module)
+    assert all(m.kernel_applies(x) for m in modules)
+    fused = grouped_forward(modules, x)
+    for m in modules:
+        m.use_kernel = False
+    plain = [m(x) for m in modules]
+    for y, y_ref in zip(fused, plain):
+        assert _relative_error(y, y_ref) < bound
+
+
+@gpu
+def test_gpu_pinv_init_of_a_4096_layer():
+    from gora_dist.kernels.pinv_solve import pinv_init_b_triton
+
+    grad, lora_a = _gradient_and_a(rows=4096, cols=4096, rank=32)
+    grad = grad.cuda()
+    b0 = pinv_init_b_triton(grad, lora_a, 0.3)
+    assert _relative_error(b0, pinv_init_b_reference(grad, lora_a, 0.3)) < 1e-5  # float32 vs float64 solve
