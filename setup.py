@@ -5,6 +5,8 @@
 
 from setuptools import setup
 
+TRITON = "triton>=3.0; platform_system == 'Linux'"
+
 setup(
     name="gora_dist",
     version="0.1.0",
@@ -28,8 +30,9 @@ setup(
         "train": ["matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15"],
         "deepspeed": ["deepspeed>=0.15"],
         "accelerate": ["accelerate>=0.34"],
-        "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15"],
-        "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "ruff"],
+        # the fused kernels (kernels/, docs/kernels.md); wheels exist for Linux only, elsewhere the torch path runs
+        "triton": [TRITON],
+        "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", TRITON],
+        "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "ruff", TRITON],
     },
 )
