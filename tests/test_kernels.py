@@ -420,3 +420,31 @@ def test_gpu_pinv_init_of_a_4096_layer():
     grad = grad.cuda()
     b0 = pinv_init_b_triton(grad, lora_a, 0.3)
     assert _relative_error(b0, pinv_init_b_reference(grad, lora_a, 0.3)) < 1e-5  # float32 vs float64 solve
+
+
+# --- the benchmark script's CPU-side logic (it needs CUDA to measure anything) -----------------------------
+
+@pytest.mark.skipif(INTERPRETED, reason="no kernels run here")
+def test_benchmark_script_tables_and_results(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ranks = bench.rank_map()
+    assert len(ranks) == 224 and min(ranks.values()) == 4 and max(ranks.values()) <= 32
+    chosen = bench.ranks_per_kind(ranks, quick=False)
+    assert set(chosen) == {"q/o", "k/v", "gate/up", "down"} and all(4 <= r <= 32 for rs in chosen.values() for r in rs)
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().out
+    layers = [{"kind": "q/o", "rank": 8, "tokens": 2048, "impl": impl, **{f"{m}_ms": [1.0, 0.9, 1.1] for m in bench.MODES}}
+              for impl in bench.IMPLEMENTATIONS]
+    grouped = [{"kind": "q+k+v", "ranks": [8, 4, 6], "tokens": 2048, "impl": i, "full_ms": [2.0, 1.9, 2.1]}
+               for i in ("grouped", "separate")]
+    init = [{"impl": "fused", "layers": 224, "total_ms": [10.0, 9.0, 11.0]}]
+    meta = {"gpu": "Test GPU 80GB", "cuda": "12.x", "versions": {}, "commit": "abc", "date": "today", "dry_run": False}
+    stem = bench.write_results(str(tmp_path), meta, layers, grouped, init, {"4": 1})
+    assert stem.endswith("kernels_test_gpu_80gb")
+    table = open(stem + ".md").read()
+    assert "| q/o | 8 | 2048 | full |" in table and "| fused | 10.00 (9.00-11.00) |" in table
