@@ -51,7 +51,7 @@ def _prune(configs, named_args, **_):
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K1", "K2"],
+    key=["M_BUCKET", "N", "K1", "K2", "HAS_P2", "HAS_C_IN", "UPCAST1"],  # tensor dtypes are added by triton
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["c_in_ptr"],  # C_in may be the output itself (in-place accumulation): restore between trials
 )

@@ -26,18 +26,18 @@ from .dispatch import interpreting
 MAX_RANK = 256  # the whole rank must fit one tile (K⁻¹ mixes all columns)
 
 
-def _configs():
+def _block_sizes() -> dict:
+    """One fixed config, no autotuning: the kernel is bound by reading Ḡ, and autotuning the ~10
+    (rows, in, rank) shapes of a model would cost more at init than it could save (untuned on GPU)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, k, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4)]]
+        return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
-@triton.autotune(configs=_configs(), key=["ROWS_BUCKET", "cols", "BLOCK_R"])
 @triton.jit
 def _project_solve_kernel(
     out_ptr, grad_ptr, a_ptr, kinv_ptr,
-    rows, cols, rank, ROWS_BUCKET,
+    rows, cols, rank,
     stride_om, stride_or, stride_gm, stride_gk, stride_ar, stride_ak,
     neg_xi,
     HAS_SOLVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -82,11 +82,11 @@ def _launch(grad_rows, lora_a, gram_inverse, neg_xi: float, dtype: torch.dtype) 
         return out
     lora_a = lora_a.to(grad_rows.device)
     kinv = gram_inverse.to(device=grad_rows.device, dtype=torch.float32).contiguous() if gram_inverse is not None else out
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)
-    _project_solve_kernel[grid](
-        out, grad_rows, lora_a, kinv, rows, cols, rank, triton.next_power_of_2(rows),
+    blocks = _block_sizes()
+    _project_solve_kernel[(triton.cdiv(rows, blocks["BLOCK_M"]),)](
+        out, grad_rows, lora_a, kinv, rows, cols, rank,
         out.stride(0), out.stride(1), grad_rows.stride(0), grad_rows.stride(1), lora_a.stride(0), lora_a.stride(1),
-        float(neg_xi), HAS_SOLVE=gram_inverse is not None, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        float(neg_xi), HAS_SOLVE=gram_inverse is not None, BLOCK_R=max(16, triton.next_power_of_2(rank)), **blocks,
     )
     return out
 
