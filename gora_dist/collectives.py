@@ -10,11 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from datetime import timedelta
 from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+# --- TEST ONLY: fault injection at a named phase (tests/test_multinode.py) ---------------------------
+PAUSE_PHASE_ENV, PAUSE_DIR_ENV = "GORA_TEST_PAUSE_PHASE", "GORA_TEST_PAUSE_DIR"
+PAUSE_LIMIT_S = 120.0
+
+
+def _test_pause(rank: int, phase: str) -> None:
+    """TEST ONLY, off unless both variables are set: a rank about to issue the collective of phase
+    $GORA_TEST_PAUSE_PHASE creates $GORA_TEST_PAUSE_DIR/paused-rank<R> and waits (at most 120 s)
+    until $GORA_TEST_PAUSE_DIR/release exists, so a test can cut a link or kill a node exactly there."""
+    if os.environ.get(PAUSE_PHASE_ENV) != phase or not os.environ.get(PAUSE_DIR_ENV):
+        return
+    folder = os.environ[PAUSE_DIR_ENV]
+    open(os.path.join(folder, f"paused-rank{rank}"), "w").close()
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class GoRADistributedError(RuntimeError):
@@ -35,18 +54,27 @@ class Collective:
         self.bytes_sent = 0  # payload bytes handed to collectives by this rank (for the benchmarks)
 
     def _wait(self, work, phase: str) -> None:
+        started = time.monotonic()
         try:
             work.wait(timeout=self.timeout)
         except RuntimeError as failure:
+            if "timed out" in str(failure).lower():
+                raise GoRADistributedError(
+                    f"rank {self.rank}: {phase}: no answer from the other ranks within {self.timeout.total_seconds():.0f}s "
+                    f"(a rank died, hangs, took another code path, or its link is down): {failure}"
+                ) from failure
+            # not a timeout: the backend saw the connection fail (gloo: "Connection reset by peer"
+            # naming the peer's address when that rank's process died)
             raise GoRADistributedError(
-                f"rank {self.rank}: {phase}: no answer from the other ranks within {self.timeout.total_seconds():.0f}s "
-                f"(a rank died, hangs, or took another code path): {failure}"
+                f"rank {self.rank}: {phase}: lost the connection to another rank after "
+                f"{time.monotonic() - started:.1f}s (its process or node died): {failure}"
             ) from failure
 
     def all_reduce(self, tensor: torch.Tensor, phase: str, op=None) -> torch.Tensor:
         """In-place all-reduce (SUM by default) of ``tensor``; returns it. Moves through self.device."""
         if not self.active:
             return tensor
+        _test_pause(self.rank, phase)
         staged = tensor.to(self.device)
         self.bytes_sent += staged.numel() * staged.element_size()
         self._wait(dist.all_reduce(staged, op=op or dist.ReduceOp.SUM, group=self.group, async_op=True), phase)
@@ -57,6 +85,7 @@ class Collective:
     def broadcast(self, tensor: torch.Tensor, phase: str, src: int = 0) -> torch.Tensor:
         if not self.active:
             return tensor
+        _test_pause(self.rank, phase)
         staged = tensor.to(self.device)
         self.bytes_sent += staged.numel() * staged.element_size()
         self._wait(dist.broadcast(staged, src=src, group=self.group, async_op=True), phase)

@@ -157,8 +157,11 @@ def test_a_rank_that_dies_does_not_hang_the_others(tmp_path):
     assert not (tmp_path / "plan").exists()
 
 
-def test_a_rank_that_vanishes_is_caught_by_goras_own_timeout(tmp_path):
-    result, seconds = launch("ddp", 2, tmp_path, mode="vanish", gora_timeout=5)
+def test_a_rank_that_vanishes_fails_the_others_clearly(tmp_path):
+    """Rank 1 exits with status 0 (torchrun does not stop rank 0): its closed sockets fail rank 0's
+    next GoRA collective at once, reported as a lost connection, not as a timeout. (A silent peer,
+    which only the timeout catches, is the link cut in tests/test_multinode.py.)"""
+    result, seconds = launch("ddp", 2, tmp_path, mode="vanish", gora_timeout=30)
     assert result.returncode != 0
-    assert "GoRADistributedError: rank 0: gradient step 2 (loss): no answer from the other ranks within 5s" in result.stderr
-    assert seconds < 60
+    assert "GoRADistributedError: rank 0: gradient step 2 (loss): lost the connection to another rank after" in result.stderr
+    assert seconds < 30  # well under the 30 s timeout

@@ -8,7 +8,7 @@ ENGINE, writes it (rank 0) and per-rank facts as JSON, then trains the adapters 
 the same engine. MODE injects a failure: raise (rank 1's batch has no labels at step 2),
 disagree (rank 1 computes a different rank map), short (rank 1 has one batch only), die (rank 1 SIGKILLs itself at step 2, which
 torchrun sees), vanish (rank 1 exits quietly with status 0 after its step-2 forward, which torchrun
-does not treat as a failure: only GoRA's own bounded waits stop rank 0). GORA_TIMEOUT sets the
+does not treat as a failure: rank 0 stops because rank 1's sockets closed, which GoRA's wait reports). GORA_TIMEOUT sets the
 timeout of GoRA's collectives and of the process group (seconds, default 60); GORA_CONFIG, a JSON
 object, overrides fields of CONFIG.
 """
