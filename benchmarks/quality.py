@@ -14,6 +14,7 @@ Protocol (one run of this script):
 
     python benchmarks/quality.py            # full run: results in benchmarks/results/quality_cpu.*
     python benchmarks/quality.py --quick    # a couple of minutes: every method once, few steps
+    python benchmarks/quality.py --timing   # init and per-step wall time of every method (run it alone)
 Runs are appended to <out>/quality_runs.jsonl as they finish; --resume skips the ones already there.
 """
 
@@ -66,6 +67,7 @@ class Setting:
     methods: Sequence[str] = field(default_factory=lambda: list(METHODS))
 
 
+TIMING = dict(steps=60, test_examples=200, lr_grid=(1e-3,), seeds=(0,))
 QUICK = dict(train_examples=192, val_examples=64, test_examples=128, steps=12, grad_steps=2,
              lr_grid=(1e-3,), seeds=(0,))
 
@@ -341,6 +343,23 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: int) -> str:
+    lines = [
+        "# Init and training wall time per method: MiniLM-L6 + TREC-6 (CPU)", "",
+        f"Command: `python benchmarks/quality.py --timing`, nothing else running. {env['machine']}, "
+        f"{env['threads']} torch threads; torch {env['torch']}, peft {env['peft']}; commit {env['commit']}; "
+        f"{env['date']}. {setting.steps} steps of {setting.batch_size} per method, seed 0; init uses "
+        f"{setting.grad_steps} batches (GoRA, LoRA-GA: gradient steps; EVA: forward passes until its SVDs "
+        f"converge, cycling the batches).", "",
+        f"| method | init s | s / training step | init as % of {full_steps} training steps |", "|---|---|---|---|",
+    ]
+    for row in final:
+        per_step = row["train_s"] / max(1, len(row["losses"]))
+        lines.append(f"| {row['method']} | {row['init_s']:.2f} | {per_step:.3f} | "
+                     f"{100 * row['init_s'] / (per_step * full_steps):.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_losses(final: List[dict], methods: Sequence[str], path: str, window: int = 10) -> None:
     import matplotlib
 
@@ -371,11 +390,14 @@ def plot_losses(final: List[dict], methods: Sequence[str], path: str, window: in
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few examples and steps, one seed, one rate (CI)")
+    parser.add_argument("--timing", action="store_true", help="only time init and training steps of each method")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results, or runs/quality_quick)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--resume", action="store_true", help="skip runs already in <out>/quality_runs.jsonl")
     args = parser.parse_args(argv)
-    setting = Setting(**QUICK) if args.quick else Setting()
+    if args.quick and args.timing:
+        parser.error("--quick and --timing are separate runs; choose one")
+    setting = Setting(**QUICK) if args.quick else Setting(**TIMING) if args.timing else Setting()
     if args.methods:
         chosen = [m.strip() for m in args.methods.split(",")]
         unknown = [m for m in chosen if m not in METHODS]
@@ -385,7 +407,7 @@ def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     out = args.out or (os.path.join("runs", "quality_quick") if args.quick else os.path.join(here, "results"))
     os.makedirs(out, exist_ok=True)
-    tag = "quality_quick" if args.quick else "quality_cpu"
+    tag = "quality_quick" if args.quick else "quality_timing_cpu" if args.timing else "quality_cpu"
     runs_path = os.path.join(out, f"{tag}_runs.jsonl")
     done = []
     if args.resume and os.path.exists(runs_path):
@@ -422,8 +444,13 @@ def main(argv=None) -> int:
         rates = {m: setting.lr_grid[0] for m in setting.methods}
     final = [recorded("final", m, rates[m], seed, train, test) for m in setting.methods for seed in setting.seeds]
 
-    summary = summarise(tuning, final, rates, setting)
     env = environment()
+    if args.timing:
+        with open(os.path.join(out, f"{tag}.md"), "w") as handle:
+            handle.write(timing_markdown(final, setting, env, Setting().steps))
+        print(timing_markdown(final, setting, env, Setting().steps))
+        return 0
+    summary = summarise(tuning, final, rates, setting)
     command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     with open(os.path.join(out, f"{tag}.json"), "w") as handle:
         json.dump(dict(environment=env, setting=asdict(setting), command=command, **summary), handle, indent=1)
