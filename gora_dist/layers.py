@@ -77,10 +77,11 @@ class GoRALinear(nn.Module):
         hooks; not an FSDP2 DTensor: under ``fully_shard`` of the enclosing block the weight is a plain
         unsharded tensor during forward and qualifies), no forward hooks on the base or global ones, no
         active dropout (the adapter would see a different x than the base), no autocast (the Function
-        does not cast), not inside torch.compile, matching dtypes, and everything on one CUDA device.
+        does not cast), not inside torch.compile, matching dtypes, and everything on one CUDA device
+        (or on the CPU under ``TRITON_INTERPRET=1``, which is for tests: the interpreter is slow).
         """
         base = self.base
-        if not (self.use_kernel and x.is_cuda and type(base) is nn.Linear):
+        if not (self.use_kernel and type(base) is nn.Linear):
             return False
         weight, bias = base.weight, base.bias
         if base._forward_hooks or base._forward_pre_hooks or _module_hooks._global_forward_hooks \

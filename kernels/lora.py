@@ -30,7 +30,8 @@ HALF_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 def check_lora_args(x, weight, bias, lora_a, lora_b, name: str = "lora_linear") -> None:
     """ValueError naming the tensor when shapes, dtypes or devices do not fit y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ."""
     if weight.dim() != 2:
-        raise ValueError(f"{name}: weight must be (out, in), got shape {tuple(weight.shape)}")
+        hint = " (a partitioned ZeRO-3 parameter: call this where it is gathered)" if hasattr(weight, "ds_id") else ""
+        raise ValueError(f"{name}: weight must be (out, in), got shape {tuple(weight.shape)}{hint}")
     out_features, in_features = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"{name}: x {tuple(x.shape)} must end in in_features={in_features} (weight {tuple(weight.shape)})")

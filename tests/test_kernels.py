@@ -257,6 +257,52 @@ def test_grouped_errors_name_the_projection():
         grouped_lora_linear(x, weights, biases, lora_as, lora_bs, scalings[:2])
 
 
+@interpreted
+def test_goralinear_kernel_path_and_when_it_steps_aside(monkeypatch):
+    """GoRALinear takes the kernel path (here on the CPU, under the interpreter) only when nothing is
+    bypassed, and matches its torch path; grouped_forward matches the modules' own forwards."""
+    from gora_dist.layers import GoRALinear, grouped_forward
+
+    torch.manual_seed(0)
+    modules = []
+    for out_features, rank in ((40, 7), (24, 3), (24, 13)):
+        module = GoRALinear(torch.nn.Linear(40, out_features), rank, alpha=16.0, dropout=0.1)
+        with torch.no_grad():
+            module.lora_A.normal_(0, 40 ** -0.5)
+            module.lora_B.normal_(0, 0.3)
+        modules.append(module.eval())
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    params = [x] + [p for m in modules for p in (m.lora_A, m.lora_B)]
+
+    def outputs_and_grads(ys):
+        return ys, torch.autograd.grad(sum((y * y).sum() for y in ys), params)
+
+    assert all(m.kernel_applies(x) for m in modules)
+    fused = [outputs_and_grads(grouped_forward(modules, x)), outputs_and_grads([m(x) for m in modules])]
+    for m in modules:
+        m.use_kernel = False
+    plain = outputs_and_grads([m(x) for m in modules])
+    for ys, grads in fused:
+        for got, want in zip([*ys, *grads], [*plain[0], *plain[1]]):
+            torch.testing.assert_close(got, want, **ADAPTER_TOLERANCE)  # float32 throughout, order only
+
+    module = modules[0]
+    module.use_kernel = True
+    assert module.kernel_applies(x)
+    module.train()  # dropout 0.1 active: the adapter would see another x than the base
+    assert not module.kernel_applies(x)
+    module.eval()
+    handle = module.base.register_forward_pre_hook(lambda mod, args: None)  # e.g. ZeRO-3's gathering hook
+    assert not module.kernel_applies(x)
+    handle.remove()
+    module.base.weight.requires_grad_(True)
+    assert not module.kernel_applies(x)
+    module.base.weight.requires_grad_(False)
+    assert not module.kernel_applies(x.double())
+    monkeypatch.setenv("GORA_DISABLE_KERNELS", "1")
+    assert not module.kernel_applies(x)
+
+
 # --- the pseudo-inverse solve ------------------------------------------------------------------------------
 
 def _gradient_and_a(rows=37, cols=50, rank=13, seed=0):
