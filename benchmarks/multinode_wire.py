@@ -137,10 +137,10 @@ def render(meta: dict, rows: list, analysis: list) -> str:
 
     lines = [
         "# Bytes on the wire: GoRA init across network-namespace nodes (`benchmarks/multinode_wire.py`)", "",
-        f"commit {meta['commit'][:12]}{' (+ uncommitted changes)' if meta['tree_dirty'] else ''}, {meta['date']}; "
-        f"torch {meta['torch']}, deepspeed {meta['deepspeed']}, Python {meta['python']}, Linux {meta['kernel']}, "
-        f"{meta['cpus']} CPUs. `--init-only --engine fsdp2`, tiny Llama ({meta['sizes']['all']:,} parameters, "
-        f"{meta['sizes']['targets']:,} in the 14 target weights), global batch 8, one process per node, gloo.", "",
+        (f"commit {meta['commit'][:12]}{' (+ uncommitted changes)' if meta['tree_dirty'] else ''}, {meta['date']}; "
+         f"torch {meta['torch']}, deepspeed {meta['deepspeed']}, Python {meta['python']}, Linux {meta['kernel']}, "
+         f"{meta['cpus']} CPUs. `--init-only --engine fsdp2`, tiny Llama ({meta['sizes']['all']:,} parameters, "
+         f"{meta['sizes']['targets']:,} in the 14 target weights), global batch 8, one process per node, gloo."), "",
         "| nodes | N | tx per node (measured) | GoRA payload per rank: model / counted | model: GoRA + FSDP2 steps | start-up (measured − N × slope) | wall |",
         "|---|---|---|---|---|---|---|",
     ]

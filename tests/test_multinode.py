@@ -192,9 +192,9 @@ def test_a_link_cut_during_the_rank_map_broadcast(data, cluster, tmp_path, launc
 
 def test_a_node_killed_mid_training_then_resumed_on_two_nodes_and_on_one(data, cluster, tmp_path):
     nodes, out = cluster(2), tmp_path / "out"
-    args = arguments(data, out, "--engine", "fsdp2", "--checkpoint-every", "5", "--timeout-s", str(TIMEOUT_S), steps=30)
+    args = arguments(data, out, "--engine", "fsdp2", "--checkpoint-every", "5", "--timeout-s", str(TIMEOUT_S), steps=20)
     straight = tmp_path / "straight"
-    main(arguments(data, straight, "--checkpoint-every", "0", steps=30))  # one process, uninterrupted
+    main(arguments(data, straight, "--checkpoint-every", "0", steps=20))  # one process, uninterrupted
 
     job = start_job(nodes, "torchrun", args)
     latest = out / "checkpoints" / "latest"
@@ -220,7 +220,7 @@ def test_a_node_killed_mid_training_then_resumed_on_two_nodes_and_on_one(data, c
 
     resumed = run_job(nodes, "torchrun", args + ["--resume"])
     assert f"resuming from {saved} at step {step} (world size 2 -> 2)" in nodes.log(0), resumed.logs()
-    one = arguments(data, tmp_path / "one-node", "--engine", "fsdp2", "--checkpoint-every", "5", steps=30)
+    one = arguments(data, tmp_path / "one-node", "--engine", "fsdp2", "--checkpoint-every", "5", steps=20)
     alone = run_job(nodes, "torchrun", one + ["--resume"], nodes=[0])
     assert f"at step {step} (world size 2 -> 1)" in nodes.log(0), alone.logs()
     for folder in (out, tmp_path / "one-node"):
