@@ -36,6 +36,11 @@ def _test_pause(rank: int, phase: str) -> None:
         time.sleep(0.02)
 
 
+# how gloo/NCCL word a peer that went away (as opposed to other backend errors)
+CONNECTION_LOST = ("connection reset", "connection closed", "connection refused", "broken pipe", "end of file",
+                   "remote process exited", "socket closed")
+
+
 class GoRADistributedError(RuntimeError):
     """A rank failed, timed out or disagreed during GoRA's initialisation; raised on every rank."""
 
@@ -63,12 +68,14 @@ class Collective:
                     f"rank {self.rank}: {phase}: no answer from the other ranks within {self.timeout.total_seconds():.0f}s "
                     f"(a rank died, hangs, took another code path, or its link is down): {failure}"
                 ) from failure
-            # not a timeout: the backend saw the connection fail (gloo: "Connection reset by peer"
-            # naming the peer's address when that rank's process died)
-            raise GoRADistributedError(
-                f"rank {self.rank}: {phase}: lost the connection to another rank after "
-                f"{time.monotonic() - started:.1f}s (its process or node died): {failure}"
-            ) from failure
+            elapsed = time.monotonic() - started
+            if any(sign in str(failure).lower() for sign in CONNECTION_LOST):
+                # gloo: "Connection reset by peer" naming the peer's address when its process died
+                raise GoRADistributedError(
+                    f"rank {self.rank}: {phase}: lost the connection to another rank after "
+                    f"{elapsed:.1f}s (its process or node died): {failure}"
+                ) from failure
+            raise GoRADistributedError(f"rank {self.rank}: {phase}: the collective failed after {elapsed:.1f}s: {failure}") from failure
 
     def all_reduce(self, tensor: torch.Tensor, phase: str, op=None) -> torch.Tensor:
         """In-place all-reduce (SUM by default) of ``tensor``; returns it. Moves through self.device."""
