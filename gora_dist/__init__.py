@@ -7,6 +7,42 @@
 Sharded (DeepSpeed ZeRO-3, FSDP2, DDP): ``gora_dist.distributed.estimate_plan`` then ``apply_plan``.
 """
 
+
+def _checkout_kernels() -> None:
+    """Make ``gora_dist.kernels`` importable from a plain checkout (no pip install).
+
+    setup.py installs the repository's top-level ``kernels/`` as ``gora_dist.kernels`` (``package_dir``).
+    In a checkout on ``sys.path`` without that install, ``gora_dist/kernels`` does not exist, so that one
+    package is loaded here from ``<checkout>/kernels`` and registered under its installed name; its
+    submodules then resolve through its ``__path__``. Nothing else changes: no other top-level folder
+    becomes ``gora_dist.X``, no import hook stays behind. An installed copy (``site-packages/gora_dist/
+    kernels``) is left to the normal import; a checkout (``setup.py`` beside ``kernels/``) always uses
+    its own ``kernels/``, also when an editable install of another checkout is on the path.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    name = __name__ + ".kernels"
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package_dir)
+    init = os.path.join(root, "kernels", "__init__.py")
+    if name in sys.modules or os.path.isdir(os.path.join(package_dir, "kernels")) \
+            or not (os.path.isfile(init) and os.path.isfile(os.path.join(root, "setup.py"))):
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    globals()["kernels"] = module  # as the import system sets a submodule on its parent
+
+
+_checkout_kernels()
+
 from .adapter_io import load_adapter, save_adapter, save_plan, save_uniform_adapter
 from .allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
 from .apply import apply_gora
