@@ -8,11 +8,27 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_hooks
 
-from gora_dist.kernels import triton_can_run
+from gora_dist.kernels import KERNEL_DTYPES, triton_can_run
 
 from .initialization import rslora_scaling
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+def _global_module_hooks() -> bool:
+    """Whether any global module hook (``torch.nn.modules.module.register_module_*_hook``) is registered:
+    such hooks run for every module called, so bypassing a call would skip them."""
+    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks)
+
+
+def _calls_only_forward(module: nn.Module, forward) -> bool:
+    """Whether ``module(x)`` would run nothing but ``forward(module, x)``, so code may compute that result
+    without calling the module: ``forward`` is the class's forward and is not replaced on the instance
+    (accelerate's ``add_hook_to_module`` sets ``module.forward`` and ``module._hf_hook``), and there are no
+    forward, pre-forward or backward hooks on the module nor global module hooks."""
+    return (type(module).forward is forward and "forward" not in vars(module) and not hasattr(module, "_hf_hook")
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks)
+            and not _global_module_hooks())
 
 
 class GoRALinear(nn.Module):
@@ -75,25 +91,24 @@ class GoRALinear(nn.Module):
         when nothing is lost by that: a plain ``nn.Linear`` with a frozen, fully materialised weight (not
         a DeepSpeed ZeRO-3 parameter, whose gathering and prefetch bookkeeping live in the base module's
         hooks; not an FSDP2 DTensor: under ``fully_shard`` of the enclosing block the weight is a plain
-        unsharded tensor during forward and qualifies), no forward hooks on the base or global ones, no
-        active dropout (the adapter would see a different x than the base), no autocast (the Function
-        does not cast), not inside torch.compile, matching dtypes, and everything on one CUDA device
-        (or on the CPU under ``TRITON_INTERPRET=1``, which is for tests: the interpreter is slow).
+        unsharded tensor during forward and qualifies; no other tensor subclass either), no forward,
+        pre-forward or backward hooks on the base, no global module hooks, no instance-level
+        ``base.forward`` (accelerate's hooks), no active dropout (the adapter would see a different x than
+        the base), no autocast on x's device (the Function does not cast), not inside torch.compile,
+        matching dtypes, and everything on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``,
+        which is for tests: the interpreter is slow).
         """
         base = self.base
-        if not (self.use_kernel and type(base) is nn.Linear):
+        if not (self.use_kernel and type(base) is nn.Linear and _calls_only_forward(base, nn.Linear.forward)):
             return False
         weight, bias = base.weight, base.bias
-        if base._forward_hooks or base._forward_pre_hooks or _module_hooks._global_forward_hooks \
-                or _module_hooks._global_forward_pre_hooks:
-            return False
         if hasattr(weight, "ds_id") or hasattr(weight, "device_mesh"):
             return False
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
         if self.training and not isinstance(self.dropout, nn.Identity):
             return False
-        if torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling():
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             return False
         if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             return False
@@ -124,13 +139,16 @@ class GoRALinear(nn.Module):
 def grouped_forward(modules: Sequence[GoRALinear], x: torch.Tensor) -> List[torch.Tensor]:
     """[module(x) for module in modules] for GoRALinear layers that share their input (q/k/v, gate/up).
 
-    When every module takes the kernel path (:meth:`GoRALinear.kernel_applies`) and their adapters share
-    a dtype, one shrink GEMM computes x·Aᵢᵀ for all of them (``gora_dist.kernels.grouped_lora``); else
-    each module's own forward runs. Use it in a model's attention or MLP forward, e.g.
+    When every module takes the kernel path (:meth:`GoRALinear.kernel_applies`), their adapters share
+    a dtype and calling the modules would run nothing but their forwards (no hooks on the GoRALinear
+    modules themselves, no global module hooks, no replaced ``forward``), one shrink GEMM computes x·Aᵢᵀ
+    for all of them (``gora_dist.kernels.grouped_lora``); else each module is called, hooks and all. Use it in a model's attention or MLP forward, e.g.
     ``q, k, v = grouped_forward([self.q_proj, self.k_proj, self.v_proj], hidden_states)``.
     """
     modules = list(modules)
-    if len(modules) > 1 and len({m.lora_A.dtype for m in modules}) == 1 and all(m.kernel_applies(x) for m in modules):
+    if len(modules) > 1 \
+            and all(isinstance(m, GoRALinear) and _calls_only_forward(m, GoRALinear.forward) for m in modules) \
+            and len({m.lora_A.dtype for m in modules}) == 1 and all(m.kernel_applies(x) for m in modules):
         from gora_dist.kernels.grouped_lora import grouped_lora_linear_triton
 
         return grouped_lora_linear_triton(

@@ -54,6 +54,7 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # not differentiable itself: double backward raises
     def backward(ctx, *grad_outs):
         x2, stacked_a, shrunk, *rest = ctx.saved_tensors
         count = len(ctx.scalings)

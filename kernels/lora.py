@@ -22,9 +22,10 @@ from contextlib import contextmanager
 
 import torch
 
+from .dispatch import KERNEL_DTYPES
 from .matmul import two_product_matmul
 
-HALF_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+HALF_FLOATS = KERNEL_DTYPES
 
 
 def check_lora_args(x, weight, bias, lora_a, lora_b, name: str = "lora_linear") -> None:
@@ -120,6 +121,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # not differentiable itself: double backward raises
     def backward(ctx, grad_out):
         x2, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]

@@ -299,8 +299,121 @@ def test_goralinear_kernel_path_and_when_it_steps_aside(monkeypatch):
     assert not module.kernel_applies(x)
     module.base.weight.requires_grad_(False)
     assert not module.kernel_applies(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on x's device, not only CUDA's
+        assert not module.kernel_applies(x)
+    assert module.kernel_applies(x)
     monkeypatch.setenv("GORA_DISABLE_KERNELS", "1")
     assert not module.kernel_applies(x)
+
+
+def _adapter_modules(shapes=((8, 3), (4, 5)), in_features=16):
+    from gora_dist.layers import GoRALinear
+
+    torch.manual_seed(0)
+    modules = []
+    for out_features, rank in shapes:
+        module = GoRALinear(torch.nn.Linear(in_features, out_features), rank, alpha=4.0).eval()
+        with torch.no_grad():
+            module.lora_A.normal_(0, in_features ** -0.5)
+            module.lora_B.normal_(0, 0.3)
+        modules.append(module)
+    return modules
+
+
+@interpreted
+def test_kernel_path_steps_aside_for_everything_calling_base_would_run():
+    """Backward hooks on the base, global module hooks and an instance-level base.forward (accelerate's
+    add_hook_to_module) all run only when base(x) is called: the kernel path must not take those layers."""
+    from torch.nn.modules import module as module_hooks
+
+    (module,) = _adapter_modules(shapes=((8, 3),))
+    x = torch.randn(4, 16, requires_grad=True)
+    assert module.kernel_applies(x)
+    calls = []
+    for register in (module.base.register_full_backward_hook, module.base.register_full_backward_pre_hook):
+        handle = register(lambda *args: calls.append("backward"))
+        assert not module.kernel_applies(x)
+        module(x).sum().backward()
+        assert calls == ["backward"], calls
+        calls.clear()
+        handle.remove()
+    for register in (module_hooks.register_module_forward_hook, module_hooks.register_module_forward_pre_hook,
+                     module_hooks.register_module_full_backward_hook,
+                     module_hooks.register_module_full_backward_pre_hook):
+        handle = register(lambda *args: None)
+        try:
+            assert not module.kernel_applies(x), register.__name__
+        finally:
+            handle.remove()
+    assert module.kernel_applies(x)
+    plain_forward = module.base.forward
+    module.base.forward = lambda inputs: plain_forward(inputs) * 0  # as accelerate's hooks replace it
+    assert not module.kernel_applies(x)
+    y = module(x)
+    adapter = (x @ module.lora_A.T) @ module.lora_B.T * module.scaling
+    torch.testing.assert_close(y, adapter, atol=1e-6, rtol=1e-5)  # the base term is the replaced forward's 0
+    del module.base.forward
+    module.base._hf_hook = object()  # accelerate also marks the module
+    assert not module.kernel_applies(x)
+    del module.base._hf_hook
+    assert module.kernel_applies(x)
+
+
+@interpreted
+def test_grouped_forward_honours_hooks_on_the_adapter_modules():
+    from gora_dist.layers import grouped_forward
+
+    modules = _adapter_modules()
+    x = torch.randn(4, 16)
+    plain = [m(x) for m in modules]
+    seen = []
+    modules[1].register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    modules[0].register_forward_hook(lambda mod, args, out: out * 0)
+    ys = grouped_forward(modules, x)
+    assert seen == ["pre"] and int(torch.count_nonzero(ys[0])) == 0
+    torch.testing.assert_close(ys[1], plain[1])
+    for module in modules:
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    modules[0].forward = lambda inputs: torch.zeros(4, 8)  # an instance-level forward also counts
+    assert int(torch.count_nonzero(grouped_forward(modules, x)[0])) == 0
+
+
+@interpreted
+def test_functional_entries_fall_back_for_float64_autocast_and_tensor_subclasses():
+    x, weight, bias, lora_a, lora_b, _ = _layer(torch.float32, 3)
+    doubles = [t.detach().double() for t in (x, weight, bias, lora_a, lora_b)]
+    torch.testing.assert_close(lora_linear(*doubles, 1.5), lora_linear_reference(*doubles, 1.5))  # no ValueError
+    ys = grouped_lora_linear(doubles[0], [doubles[1]], [doubles[2]], [doubles[3]], [doubles[4]], [1.5])
+    torch.testing.assert_close(ys[0], lora_linear_reference(*doubles, 1.5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference casts as autocast says; the kernel would not
+        got, want = lora_linear(x, weight, bias, lora_a, lora_b, 1.5), lora_linear_reference(x, weight, bias, lora_a, lora_b, 1.5)
+    assert got.dtype == want.dtype == torch.bfloat16
+
+    class Marked(torch.Tensor):  # stands for DTensor, FakeTensor, quantised weights: own dispatch, no raw storage
+        pass
+
+    marked = weight.as_subclass(Marked)
+    assert triton_can_run(x, weight) and not triton_can_run(x, marked)
+    assert not triton_can_run(x, torch.nn.Parameter(marked, requires_grad=False))
+    assert triton_can_run(x, torch.nn.Parameter(weight, requires_grad=False), None)
+
+
+@interpreted
+def test_double_backward_raises_instead_of_detaching():
+    from gora_dist.layers import grouped_forward
+
+    x, weight, bias, lora_a, lora_b, _ = _layer(torch.float32, 3)
+    (grad_a,) = torch.autograd.grad(lora_linear(x, weight, bias, lora_a, lora_b, 1.0).square().sum(), lora_a,
+                                    create_graph=True)
+    assert grad_a.requires_grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_a.sum().backward()
+    modules = _adapter_modules()
+    ys = grouped_forward(modules, torch.randn(4, 16))
+    (grad_a,) = torch.autograd.grad(sum(y.square().sum() for y in ys), modules[0].lora_A, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_a.sum().backward()
 
 
 # --- the pseudo-inverse solve ------------------------------------------------------------------------------
@@ -330,6 +443,23 @@ def test_projected_gradient_and_b0_match_reference(rank):
     assert b0_bf16.dtype == torch.bfloat16
     # one bf16 rounding; the interpreter's float32 -> bf16 store truncates (GPUs round to nearest): 2^-7
     torch.testing.assert_close(b0_bf16.float(), b0_ref, atol=0, rtol=2 ** -7)
+
+
+@interpreted
+def test_b0_above_the_in_kernel_solve_rank():
+    """Ranks in (MAX_SOLVE_RANK, MAX_RANK]: the kernel writes C and the solve runs in torch (the K⁻¹ tile
+    would not fit an H100's shared memory); same B0 as the float64 reference."""
+    from gora_dist.kernels.pinv_solve import MAX_SOLVE_RANK, launch_config, pinv_init_b_triton
+
+    rank = MAX_SOLVE_RANK + 3
+    assert not launch_config(rank, True)["HAS_SOLVE"] and launch_config(MAX_SOLVE_RANK, True)["HAS_SOLVE"]
+    grad, lora_a = _gradient_and_a(rows=21, cols=600, rank=rank)
+    b0_ref = pinv_init_b_reference(grad, lora_a, 0.3)
+    torch.testing.assert_close(pinv_init_b_triton(grad, lora_a, 0.3), b0_ref, atol=1e-5 * float(b0_ref.abs().max()), rtol=1e-4)
+    b0_bf16 = pinv_init_b_triton(grad, lora_a, 0.3, dtype=torch.bfloat16)
+    assert b0_bf16.dtype == torch.bfloat16
+    # one bf16 rounding to nearest (torch's cast): 2^-9 relative, plus the float32 error near zero entries
+    torch.testing.assert_close(b0_bf16.float(), b0_ref, atol=1e-5 * float(b0_ref.abs().max()), rtol=2 ** -8)
 
 
 @interpreted
@@ -363,6 +493,50 @@ def test_plan_projection_hook_matches_the_torch_shard_product(start, stop):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# --- offsets past 2^31 elements ---------------------------------------------------------------------------
+
+_HUGE_OFFSETS_CHILD = """
+import os, sys, torch
+from gora_dist.kernels.matmul import two_product_matmul
+from gora_dist.kernels.pinv_solve import projected_gradient_triton
+
+K, N, STRIDE = 32, 16, 2 ** 27  # element (K-1)·STRIDE = 31·2^27 ≈ 4.2e9 > 2^31 - 1
+numel = (K - 1) * STRIDE + N
+path = os.path.join(sys.argv[1], "sparse.bin")
+with open(path, "wb") as handle:
+    handle.truncate(numel * 4)  # sparse: no disk blocks, no memory until a page is touched
+storage = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
+gen = torch.Generator().manual_seed(0)
+values = torch.randn(K, N, generator=gen)
+wide = storage.as_strided((K, N), (STRIDE, 1))  # K rows, STRIDE elements apart
+wide.copy_(values)  # touches K pages
+p1 = torch.randn(8, K, generator=gen)
+out = two_product_matmul(torch.empty(8, N), p1, wide)  # ks * stride_q1k: dA = dS^T·x, K = tokens
+torch.testing.assert_close(out, p1 @ values, atol=1e-5, rtol=1e-5)
+q1 = torch.randn(K, 8, generator=gen)
+out = two_product_matmul(torch.empty(N, 8), wide.t(), q1)  # ks * stride_p1k: dB = dY^T·S
+torch.testing.assert_close(out, values.t() @ q1, atol=1e-5, rtol=1e-5)
+lora_a = torch.randn(3, K, generator=gen)
+got = projected_gradient_triton(wide.t(), lora_a)  # Ḡ rows with a column stride of 2^27
+torch.testing.assert_close(got, values.t() @ lora_a.t(), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs its own interpreter child")
+def test_reduction_offsets_past_2_31_elements(tmp_path):
+    """Reduction offsets (k index × stride) are int64: dA and dB reduce over tokens, and tokens × width
+    passes 2^31 elements at ~150k tokens of a 14336-wide layer. Such a tensor cannot be allocated here,
+    so the operands are (K, 16) views, 2^27 elements apart, of a sparse 16 GiB memory-mapped file (only
+    the K touched pages exist). With int32 offsets the interpreter wraps them (as a GPU would) and the
+    load reads 512 MiB before the buffer: a crash or wrong values. Own child process, so a crash fails
+    this test only."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "GORA_DISABLE_KERNELS": ""}
+    result = subprocess.run([sys.executable, "-c", _HUGE_OFFSETS_CHILD, str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-3000:])
+
+
 # --- the interpreter run and the GPU ------------------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child run")
@@ -370,7 +544,7 @@ def test_interpreter_suite():
     """Run this file's CPU cases under TRITON_INTERPRET=1 in a child pytest (see the module docstring)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "GORA_DISABLE_KERNELS": ""}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-               "not gpu and not interpreter_suite and not sm90 and not benchmark_script"]
+               "not gpu and not interpreter_suite and not sm90 and not benchmark_script and not past_2_31"]
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(__file__), check=False)
@@ -411,9 +585,17 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                      "PRECISION2": precision, "BLOCK_K2": 32, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
         compiled = build(matmul._two_product_kernel, pointers, floats, constants, num_warps=8, num_stages=3)
         assert "cubin" in compiled.asm, list(compiled.asm)
+    # The pinv kernel is not autotuned, so the configs its launcher picks must fit an H100's shared memory
+    # (232,448 B per block): the largest rank with the K⁻¹ epilogue, and the largest rank at all, asked
+    # with and without a solve (above MAX_SOLVE_RANK the launcher leaves the solve to torch).
     pointers = {name: "*fp32" for name in ("out_ptr", "grad_ptr", "a_ptr", "kinv_ptr")}
-    constants = {"HAS_SOLVE": True, "BLOCK_R": 32, "BLOCK_M": 64, "BLOCK_K": 64}
-    assert "cubin" in build(pinv_solve._project_solve_kernel, pointers, {"neg_xi": "fp32"}, constants, num_warps=4).asm
+    h100_shared_limit = 232_448
+    for rank, solve in [(pinv_solve.MAX_SOLVE_RANK, True), (pinv_solve.MAX_RANK, True), (pinv_solve.MAX_RANK, False)]:
+        config = pinv_solve.launch_config(rank, solve)
+        options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        compiled = build(pinv_solve._project_solve_kernel, pointers, {"neg_xi": "fp32"}, config, **options)
+        assert "cubin" in compiled.asm
+        assert compiled.metadata.shared <= h100_shared_limit, (rank, config, compiled.metadata.shared)
 
 
 # GPU: bf16 and realistic sizes. TF32 rank-r products for 16-bit layers, cuBLAS in the reference:
@@ -475,6 +657,24 @@ def test_gpu_grouped_and_goralinear(dtype, bound):
             assert _relative_error(y, y_ref) < bound
         for g, g_ref in zip(grads, plain[1]):
             assert _relative_error(g, g_ref) < bound
+
+
+@gpu
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_device_other_than_the_current_one():
+    """Triton launches on the current device: the launchers switch to the tensors' device first."""
+    from gora_dist.kernels.pinv_solve import projected_gradient_triton
+
+    x, weight, bias, lora_a, lora_b, grad_out = _layer(torch.float32, 5, device="cuda:1")
+    with torch.cuda.device(0):
+        got = _outputs_and_grads(lora_linear, x, weight, bias, lora_a, lora_b, 1.5, grad_out)
+        grad, a0 = _gradient_and_a(rows=64, cols=96, rank=8)
+        c = projected_gradient_triton(grad.to("cuda:1"), a0)
+        torch.cuda.synchronize(1)
+    want = _outputs_and_grads(lora_linear_reference, x, weight, bias, lora_a, lora_b, 1.5, grad_out)
+    for name, g, w in zip(["y", "dX", "dA", "dB"], got, want):
+        assert g.device == w.device and _relative_error(g, w) < 1e-5, (name, _relative_error(g, w))
+    assert _relative_error(c.cpu(), projected_gradient_reference(grad, a0)) < 1e-5
 
 
 @gpu
