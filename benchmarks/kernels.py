@@ -17,7 +17,10 @@ and three modes: forward, backward (of a retained graph), full (forward + backwa
 q/k/v (one shrink for three adapters) against three separate fused calls.
 Init benchmark: B0 for all 224 layers of the 8B model from float32 Ḡ: the fused kernel (with the
 float64 Cholesky inverse per layer), plan.py's torch path (float32 C, float64 Cholesky solve), and
-the official code's way (``torch.linalg.pinv`` per layer). One Ḡ per projection kind is allocated
+the official code's way (``torch.linalg.pinv`` per layer). All three start from the same state, Ḡ and
+A0 already on the GPU (moved there outside the timed region), and each timed call includes its
+per-layer factorisation of A0 on the GPU (float64 Cholesky for fused and plan_torch, the SVD inside
+``pinv`` for the loop). One Ḡ per projection kind is allocated
 and reused by its 32 layers (the 28 GB of a full set would not be needed to time the reads: every Ḡ
 is far larger than L2).
 Timings: ``triton.testing.do_bench`` quantiles (median, 20%, 80%) in milliseconds.
@@ -245,8 +248,11 @@ def init_rows(ranks: dict, device: str, timer, projections: dict, layers: int) -
     def grad_of(name):
         return grads[name.rsplit(".", 1)[1]]
 
+    # Same preparation for all three (A0 on the GPU, outside the timing); each call factorises A0A0ᵀ per
+    # layer on the GPU: gram_inverse (float64 Cholesky, inverse cast to float32) for the kernel's epilogue.
     def fused():
-        return [pinv_init_b_triton(grad_of(n), lora_as[n], xis[n], inverse=gram_inverse(lora_as[n])) for n in names]
+        return [pinv_init_b_triton(grad_of(n), lora_as_gpu[n], xis[n], inverse=gram_inverse(lora_as_gpu[n]))
+                for n in names]
 
     def plan_torch():
         return [solve_b0(gradient_times_a(grad_of(n), lora_as_gpu[n]), gram_cholesky(lora_as_gpu[n]), xis[n]) for n in names]

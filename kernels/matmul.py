@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import interpreting, on_device_of
 
 
 def _configs():
@@ -87,7 +87,9 @@ def _two_product_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_offsets = tl.arange(0, BLOCK_K)
     for k_start in range(0, K1, BLOCK_K):
-        ks = k_start + k_offsets
+        # int64 like rows and cols: dA and dB reduce over tokens, and token × stride passes 2^31 at ~150k
+        # tokens of a 14336-wide layer (an int32 offset would wrap and read elsewhere)
+        ks = (k_start + k_offsets).to(tl.int64)
         k_ok = ks < K1
         p = tl.load(p1_ptr + rows[:, None] * stride_p1m + ks[None, :] * stride_p1k,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -102,7 +104,7 @@ def _two_product_kernel(
     if HAS_P2:  # the rank-sized product, into the same accumulator
         k2_offsets = tl.arange(0, BLOCK_K2)
         for k_start in range(0, K2, BLOCK_K2):
-            ks = k_start + k2_offsets
+            ks = (k_start + k2_offsets).to(tl.int64)
             k_ok = ks < K2
             p = tl.load(p2_ptr + rows[:, None] * stride_p2m + ks[None, :] * stride_p2k,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -158,16 +160,17 @@ def two_product_matmul(
     p2_, q2_ = (p2, q2) if has_p2 else (out, out)  # unused pointers still need a tensor
     c_in_ = c_in if c_in is not None else out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _two_product_kernel[grid](
-        out, p1, q1, p2_, q2_, bias if bias is not None else out, c_in_,
-        M, N, K1, K2, triton.next_power_of_2(M),
-        out.stride(0), out.stride(1),
-        p1.stride(0), p1.stride(1), q1.stride(0), q1.stride(1),
-        p2_.stride(0), p2_.stride(1), q2_.stride(0), q2_.stride(1),
-        c_in_.stride(0), c_in_.stride(1),
-        float(alpha1), float(alpha2),
-        HAS_P2=has_p2, HAS_BIAS=bias is not None, HAS_C_IN=c_in is not None,
-        UPCAST1=upcast1, PRECISION1=fp32_precision if both_fp32 else "ieee", PRECISION2=fp32_precision,
-        BLOCK_K2=_rank_block(K2),
-    )
+    with on_device_of(out):  # Triton launches on the current CUDA device
+        _two_product_kernel[grid](
+            out, p1, q1, p2_, q2_, bias if bias is not None else out, c_in_,
+            M, N, K1, K2, triton.next_power_of_2(M),
+            out.stride(0), out.stride(1),
+            p1.stride(0), p1.stride(1), q1.stride(0), q1.stride(1),
+            p2_.stride(0), p2_.stride(1), q2_.stride(0), q2_.stride(1),
+            c_in_.stride(0), c_in_.stride(1),
+            float(alpha1), float(alpha2),
+            HAS_P2=has_p2, HAS_BIAS=bias is not None, HAS_C_IN=c_in is not None,
+            UPCAST1=upcast1, PRECISION1=fp32_precision if both_fp32 else "ieee", PRECISION2=fp32_precision,
+            BLOCK_K2=_rank_block(K2),
+        )
     return out

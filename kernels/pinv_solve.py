@@ -21,9 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import interpreting, on_device_of
 
-MAX_RANK = 256  # the whole rank must fit one tile (K⁻¹ mixes all columns)
+# The whole rank sits in one tile (K⁻¹ mixes all columns). Shared memory per block on sm_90 (H100 limit
+# 232,448 B), BLOCK_M = BLOCK_K = 64, 3 stages: C alone 163,840 B at rank 256; with the K⁻¹ epilogue
+# 131,072 B at rank 128 but 327,680 B at 256. So the kernel applies K⁻¹ up to MAX_SOLVE_RANK; above it
+# the kernel writes C and the solve runs in torch (float64), as test_kernels_compile_for_sm90 checks.
+MAX_RANK = 256
+MAX_SOLVE_RANK = 128
 
 
 def _block_sizes() -> dict:
@@ -50,7 +55,7 @@ def _project_solve_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_offsets = tl.arange(0, BLOCK_K)
     for k_start in range(0, cols, BLOCK_K):
-        ks = k_start + k_offsets
+        ks = (k_start + k_offsets).to(tl.int64)  # int64 like rm: no offset may wrap at 2^31
         k_ok = ks < cols
         grad = tl.load(grad_ptr + rm[:, None] * stride_gm + ks[None, :] * stride_gk,
                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -74,20 +79,33 @@ def _check(grad_rows: torch.Tensor, lora_a: torch.Tensor) -> None:
         raise ValueError(f"pinv solve: grad_rows ({grad_rows.dtype}) and lora_a ({lora_a.dtype}) must be floating point")
 
 
+def launch_config(rank: int, solve: bool) -> dict:
+    """The kernel's constexprs and launch options for this rank: K⁻¹ goes into the kernel only up to
+    ``MAX_SOLVE_RANK`` (shared memory, see above); block sizes from ``_block_sizes``."""
+    return {"HAS_SOLVE": solve and rank <= MAX_SOLVE_RANK, "BLOCK_R": max(16, triton.next_power_of_2(rank)),
+            **_block_sizes()}
+
+
 def _launch(grad_rows, lora_a, gram_inverse, neg_xi: float, dtype: torch.dtype) -> torch.Tensor:
     rows, cols = grad_rows.shape
     rank = lora_a.shape[0]
-    out = torch.empty(rows, rank, dtype=dtype, device=grad_rows.device)
+    config = launch_config(rank, gram_inverse is not None)
+    kernel_dtype = dtype if config["HAS_SOLVE"] or gram_inverse is None else torch.float32
+    out = torch.empty(rows, rank, dtype=kernel_dtype, device=grad_rows.device)
     if rows == 0:
-        return out
+        return out.to(dtype)
     lora_a = lora_a.to(grad_rows.device)
-    kinv = gram_inverse.to(device=grad_rows.device, dtype=torch.float32).contiguous() if gram_inverse is not None else out
-    blocks = _block_sizes()
-    _project_solve_kernel[(triton.cdiv(rows, blocks["BLOCK_M"]),)](
-        out, grad_rows, lora_a, kinv, rows, cols, rank,
-        out.stride(0), out.stride(1), grad_rows.stride(0), grad_rows.stride(1), lora_a.stride(0), lora_a.stride(1),
-        float(neg_xi), HAS_SOLVE=gram_inverse is not None, BLOCK_R=max(16, triton.next_power_of_2(rank)), **blocks,
-    )
+    kinv = out
+    if gram_inverse is not None:
+        kinv = gram_inverse.to(device=grad_rows.device, dtype=torch.float32).contiguous()
+    with on_device_of(out):  # Triton launches on the current CUDA device
+        _project_solve_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
+            out, grad_rows, lora_a, kinv, rows, cols, rank,
+            out.stride(0), out.stride(1), grad_rows.stride(0), grad_rows.stride(1), lora_a.stride(0), lora_a.stride(1),
+            float(neg_xi), **config,
+        )
+    if gram_inverse is not None and not config["HAS_SOLVE"]:  # rank > MAX_SOLVE_RANK: out is C, solve here
+        out = (out.double() @ gram_inverse.to(device=out.device, dtype=torch.float64)).mul_(neg_xi).to(dtype)
     return out
 
 
@@ -98,10 +116,11 @@ def projected_gradient_triton(grad_rows: torch.Tensor, lora_a: torch.Tensor) -> 
 
 
 def gram_inverse(lora_a: torch.Tensor) -> torch.Tensor:
-    """(A0A0ᵀ)⁻¹ (r, r) float32, from the float64 Cholesky factor (ValueError if A0 is rank deficient)."""
+    """(A0A0ᵀ)⁻¹ (r, r) float32 on lora_a's device, from the float64 Cholesky factor (ValueError if A0 is
+    rank deficient)."""
     from gora_dist.initialization import gram_cholesky
 
-    return torch.cholesky_inverse(gram_cholesky(lora_a.detach().cpu())).to(torch.float32)
+    return torch.cholesky_inverse(gram_cholesky(lora_a.detach())).to(torch.float32)
 
 
 def pinv_init_b_triton(grad_rows: torch.Tensor, lora_a: torch.Tensor, xi: float, *,
