@@ -3,7 +3,7 @@
 `kernels/` installs as `gora_dist.kernels` (a bare top-level `kernels` would clash with a PyPI package).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 TRITON = "triton>=3.0; platform_system == 'Linux'"
 
@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["gora_dist", "gora_dist.kernels"],
+    # every subpackage of gora_dist (engines, launcher, integrations, …), plus kernels/ as gora_dist.kernels
+    packages=find_packages(include=["gora_dist", "gora_dist.*"]) + ["gora_dist.kernels"],
     package_dir={"gora_dist": "gora_dist", "gora_dist.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

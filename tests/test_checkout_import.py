@@ -54,3 +54,28 @@ def test_import_from_a_checkout_without_install(tmp_path):
     elsewhere.mkdir()
     _run(["-S"], copy, [copy, *site.getsitepackages()], str(elsewhere))  # no editable finder at all
     _run([], copy, [copy], str(elsewhere))  # editable finder of /work/main installed: the copy still wins
+
+
+def test_a_regular_install_carries_every_subpackage(tmp_path):
+    """A non-editable install (what users on a cluster get) must ship engines/, launcher/, … and
+    kernels/ as gora_dist.kernels: editable installs hide a missing entry in setup.py's packages."""
+    source_copy = tmp_path / "source"  # a clean tree: a stale build/ in the checkout could mask a missing package
+    shutil.copytree(REPO, source_copy, ignore=shutil.ignore_patterns(
+        "__pycache__", "*.pyc", "build", "*.egg-info", ".git", ".venv", ".ci-venv", "runs", "tests", "benchmarks"))
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--target", str(target), str(source_copy)], capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    source = {os.path.relpath(root, REPO) for root, _, files in os.walk(os.path.join(REPO, "gora_dist"))
+              if "__init__.py" in files}
+    installed = {os.path.relpath(root, target) for root, _, files in os.walk(target / "gora_dist")
+                 if "__init__.py" in files}
+    assert source | {os.path.join("gora_dist", "kernels")} <= installed, sorted(source - installed)
+    child = ("import gora_dist.engines, gora_dist.launcher.runner, gora_dist.integrations.hf_trainer, "
+             "gora_dist.kernels, sys; assert gora_dist.__file__.startswith(sys.argv[1]), gora_dist.__file__; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(target), *site.getsitepackages()])
+    result = subprocess.run([sys.executable, "-S", "-c", child, str(target)], env=env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr[-3000:]
