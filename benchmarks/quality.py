@@ -274,12 +274,17 @@ def summarise(tuning: List[dict], final: List[dict], rates: Dict[str, float], se
             values = [rank for r in runs for layer, rank in r["ranks"].items() if kind_of(layer) == kind]
             if values:
                 kinds[kind] = statistics.fmean(values)
+        by_block = {}
+        for r in runs:
+            for layer, rank in r["ranks"].items():
+                by_block.setdefault(block_of(layer), []).append(rank)
+        blocks = {block: statistics.fmean(values) for block, values in by_block.items()}
         rows.append(dict(
             method=method, lr=rates.get(method), seeds=len(runs), early_mean=early[0], early_std=early[1],
             final_mean=final_acc[0], final_std=final_acc[1], adapter_params=params,
             budget_ratio=(params / reference) if reference else None,
             init_s=statistics.fmean(r["init_s"] for r in runs), train_s=statistics.fmean(r["train_s"] for r in runs),
-            diverged=sum(r["diverged"] for r in runs), mean_rank_by_kind=kinds,
+            diverged=sum(r["diverged"] for r in runs), mean_rank_by_kind=kinds, mean_rank_by_block=blocks,
             val_by_lr={r["lr"]: r["final_accuracy"] for r in tuning if r["method"] == method},
         ))
     return dict(rows=rows, best_rates=rates)
@@ -316,15 +321,14 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
         f"{setting.grad_steps} gradient batches (LoRA-GA and EVA use the same batches). "
         f"Learning rates tried: {', '.join(f'{lr:g}' for lr in setting.lr_grid)}; seeds "
         f"{', '.join(map(str, setting.seeds))}.", "",
-        "| method | tuned lr | test acc early (%) | test acc final (%) | adapter params | vs LoRA | init s | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | tuned lr | test acc early (%) | test acc final (%) | adapter params | vs LoRA |",
+        "|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         ratio = "—" if row["budget_ratio"] is None else f"{row['budget_ratio']:.3f}"
         lines.append(
             f"| {row['method']} | {row['lr']:g} | {percent(row['early_mean'], row['early_std'])} | "
-            f"{percent(row['final_mean'], row['final_std'])} | {row['adapter_params']:,} | {ratio} | "
-            f"{row['init_s']:.2f} | {row['train_s']:.1f} |")
+            f"{percent(row['final_mean'], row['final_std'])} | {row['adapter_params']:,} | {ratio} |")
     lines += ["", "Validation accuracy (%) by learning rate (seed 0; the tuning runs):", "",
               "| method | " + " | ".join(f"{lr:g}" for lr in setting.lr_grid) + " |",
               "|---|" + "---|" * len(setting.lr_grid)]
@@ -340,7 +344,19 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
         if row["mean_rank_by_kind"]:
             lines.append(f"| {row['method']} | " + " | ".join(
                 f"{row['mean_rank_by_kind'].get(k, float('nan')):.1f}" for k in MODULE_KINDS) + " |")
+    lines += ["", "Mean rank by encoder block (over layer kinds and seeds; GeLoRA gives one rank per block):", "",
+              "| method | " + " | ".join(f"block {b}" for b in range(6)) + " |", "|---|" + "---|" * 6]
+    for row in summary["rows"]:
+        if row["mean_rank_by_block"] and len(set(row["mean_rank_by_block"].values())) > 1:
+            lines.append(f"| {row['method']} | " + " | ".join(
+                f"{row['mean_rank_by_block'].get(str(b), float('nan')):.1f}" for b in range(6)) + " |")
+    lines += ["", "Wall times (init_s, train_s per run) are in the JSON; when runs share the machine they are not "
+              "comparable: `--timing` measures them alone."]
     return "\n".join(lines) + "\n"
+
+
+def block_of(layer: str) -> str:
+    return layer.split("encoder.layer.")[1].split(".")[0]
 
 
 def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: int) -> str:
