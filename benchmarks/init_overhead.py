@@ -21,6 +21,7 @@ runs in float32 (gloo on the CPU); the official code sums in bf16, which would h
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -64,7 +65,26 @@ def rank_batches(rank: int, world: int, steps: int, seed: int):
         yield {"input_ids": ids, "labels": ids.clone()}
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux: 5 > /proc/self/clear_refs), so each
+    scheme's peak is its own; False where the kernel does not allow it (then peaks accumulate)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset (VmHWM), else since it started."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -178,12 +198,17 @@ def worker(size: str, out: str) -> None:
         warm(**batch).loss.backward()
     row = {"size": size, "world": world, "params": sum(p.numel() for p in warm.parameters())}
     del warm
+    gc.collect()
+    row["peak_reset"] = reset_peak_rss()
     mine = ours(size, rank, world)
     plan = mine.pop("plan")
     row["target_elements"] = sum(l.shape[0] * l.shape[1] for l in plan.report.layers.values())
     row["ours"] = {k: slowest(v) if k.endswith("_s") else v for k, v in mine.items() if k != "rank_map"}
     row["ours"]["peak_rss_mb"] = slowest(peak_rss_mb())
+    gc.collect()
+    reset_peak_rss()
     row["centralised"] = {k: slowest(v) if k.endswith("_s") else v for k, v in centralised(size, rank, world).items()}
+    row["centralised"]["peak_rss_mb"] = slowest(peak_rss_mb())
     row["centralised"]["held_elements_rank0"] = row["centralised"].pop("held_elements") if rank == 0 else None
     row["unit"] = {k: slowest(v) for k, v in training_steps(size, rank, world, plan).items()}
     if rank == 0:
@@ -237,11 +262,13 @@ def markdown(meta: dict, rows: list) -> str:
         f"# GoRA init overhead on the CPU ({meta['date']}, commit {meta['commit']})", "",
         f"{meta['machine']}; torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
         f"N = {meta['grad_steps']} gradient steps of a global batch of {meta['global_batch']} × {meta['length']} tokens; "
-        "times are the slowest rank's, after one warm-up backward per process; world 4 runs 4 processes on "
+        "times and peak RSS are the slowest / largest rank's (peak RSS: the process's resident high-water mark "
+        "during that scheme alone, reset in between, torch runtime included), after one warm-up backward per "
+        "process; world 4 runs 4 processes on "
         f"{os.cpu_count()} cores, so its times are inflated by oversubscription. "
         "Command: `python benchmarks/init_overhead.py`.", "",
-        "| model | params | world | ours: N grad steps s | ours: after s | after / grad | ours: bytes/rank | ours: fp32 sums/rank (share) | central: N grad steps s | central: after s | central: bytes/rank | N train steps s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | world | ours: N grad steps s | ours: after s | after / grad | ours: bytes/rank | ours: fp32 sums/rank (share) | ours: peak RSS/rank | central: N grad steps s | central: after s | central: bytes/rank | central: peak RSS/rank | N train steps s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ours, central, unit = row["ours"], row["centralised"], row["unit"]
@@ -249,7 +276,8 @@ def markdown(meta: dict, rows: list) -> str:
         lines.append(
             f"| {row['size']} | {row['params'] / 1e6:.1f} M | {row['world']} | {ours['gradient_s']:.2f} | {ours['after_s']:.3f} | "
             f"{ours['after_s'] / ours['gradient_s']:.1%} | {ours['bytes'] / 1e6:.3f} MB | {ours['held_elements']:,} ({share:.2f}) | "
-            f"{central['gradient_s']:.2f} | {central['after_s']:.3f} | {central['bytes'] / 1e6:.2f} MB | {unit['train_s']:.2f} |")
+            f"{ours['peak_rss_mb']:.0f} MB | {central['gradient_s']:.2f} | {central['after_s']:.3f} | "
+            f"{central['bytes'] / 1e6:.2f} MB | {central['peak_rss_mb']:.0f} MB | {unit['train_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
