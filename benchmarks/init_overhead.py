@@ -177,7 +177,9 @@ def training_steps(size: str, rank: int, world: int, plan) -> dict:
     return {"train_s": time.perf_counter() - start}
 
 
-def worker(size: str, out: str) -> None:
+def worker(size: str, out: str, scheme: str) -> None:
+    """One process per rank and scheme ("ours" then N training steps, or "centralised"), so each
+    scheme's peak RSS is its own: a process rarely hands freed memory back to the system."""
     import torch.distributed as dist
     import torch
 
@@ -199,18 +201,18 @@ def worker(size: str, out: str) -> None:
     row = {"size": size, "world": world, "params": sum(p.numel() for p in warm.parameters())}
     del warm
     gc.collect()
-    row["peak_reset"] = reset_peak_rss()
-    mine = ours(size, rank, world)
-    plan = mine.pop("plan")
-    row["target_elements"] = sum(l.shape[0] * l.shape[1] for l in plan.report.layers.values())
-    row["ours"] = {k: slowest(v) if k.endswith("_s") else v for k, v in mine.items() if k != "rank_map"}
-    row["ours"]["peak_rss_mb"] = slowest(peak_rss_mb())
-    gc.collect()
-    reset_peak_rss()
-    row["centralised"] = {k: slowest(v) if k.endswith("_s") else v for k, v in centralised(size, rank, world).items()}
-    row["centralised"]["peak_rss_mb"] = slowest(peak_rss_mb())
-    row["centralised"]["held_elements_rank0"] = row["centralised"].pop("held_elements") if rank == 0 else None
-    row["unit"] = {k: slowest(v) for k, v in training_steps(size, rank, world, plan).items()}
+    row["peak_reset"] = reset_peak_rss()  # the warm-up's own peak does not count
+    if scheme == "ours":
+        mine = ours(size, rank, world)
+        plan = mine.pop("plan")
+        row["target_elements"] = sum(l.shape[0] * l.shape[1] for l in plan.report.layers.values())
+        row["ours"] = {k: slowest(v) if k.endswith("_s") else v for k, v in mine.items() if k != "rank_map"}
+        row["ours"]["peak_rss_mb"] = slowest(peak_rss_mb())
+        row["unit"] = {k: slowest(v) for k, v in training_steps(size, rank, world, plan).items()}
+    else:
+        row["centralised"] = {k: slowest(v) if k.endswith("_s") else v for k, v in centralised(size, rank, world).items()}
+        row["centralised"]["peak_rss_mb"] = slowest(peak_rss_mb())
+        row["centralised"]["held_elements_rank0"] = row["centralised"].pop("held_elements") if rank == 0 else None
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(row, handle)
@@ -237,14 +239,17 @@ def drive(worlds, sizes, results_dir: str) -> None:
     rows = []
     for size in sizes:
         for world in worlds:
-            out = os.path.join(results_dir, f".cell-{size}-{world}.json")
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-                       os.path.abspath(__file__), "--worker", size, out]
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
-            subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-            with open(out) as handle:
-                rows.append(json.load(handle))
-            os.remove(out)
+            row = {}
+            for scheme in ("ours", "centralised"):
+                out = os.path.join(results_dir, f".cell-{size}-{world}-{scheme}.json")
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                           os.path.abspath(__file__), "--worker", size, out, "--scheme", scheme]
+                env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
+                subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+                with open(out) as handle:
+                    row.update(json.load(handle))
+                os.remove(out)
+            rows.append(row)
             print(f"{size} world {world}: done", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     meta = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU, gloo",
@@ -263,7 +268,7 @@ def markdown(meta: dict, rows: list) -> str:
         f"{meta['machine']}; torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
         f"N = {meta['grad_steps']} gradient steps of a global batch of {meta['global_batch']} × {meta['length']} tokens; "
         "times and peak RSS are the slowest / largest rank's (peak RSS: the process's resident high-water mark "
-        "during that scheme alone, reset in between, torch runtime included), after one warm-up backward per "
+        "of a process running that scheme alone, after its warm-up, torch runtime included), after one warm-up backward per "
         "process; world 4 runs 4 processes on "
         f"{os.cpu_count()} cores, so its times are inflated by oversubscription. "
         "Command: `python benchmarks/init_overhead.py`.", "",
@@ -284,11 +289,12 @@ def markdown(meta: dict, rows: list) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "OUT"))
+    parser.add_argument("--scheme", choices=("ours", "centralised"), default="ours")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     options = parser.parse_args()
     if options.worker:
-        worker(*options.worker)
+        worker(*options.worker, options.scheme)
         return
     os.makedirs(options.results, exist_ok=True)
     if options.quick:
