@@ -33,6 +33,9 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
+
+from provenance import git_commit, package_versions  # noqa: E402
 
 SIZES = {  # name: (hidden, intermediate, layers, heads, kv heads)
     "tiny": (64, 172, 2, 4, 2),
@@ -223,18 +226,6 @@ def worker(size: str, out: str, scheme: str) -> None:
     os._exit(0)  # see launch/train.py: gloo can abort in interpreter finalisation
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    found = {}
-    for package in ("torch", "transformers", "deepspeed"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def drive(worlds, sizes, results_dir: str) -> None:
     rows = []
     for size in sizes:
@@ -251,9 +242,9 @@ def drive(worlds, sizes, results_dir: str) -> None:
                 os.remove(out)
             rows.append(row)
             print(f"{size} world {world}: done", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git_commit()
     meta = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU, gloo",
-            "versions": versions(), "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions("torch", "transformers", "deepspeed"), "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "grad_steps": STEPS, "global_batch": GLOBAL_BATCH, "length": LENGTH}
     with open(os.path.join(results_dir, "init_overhead_cpu.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)

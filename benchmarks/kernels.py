@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,9 @@ from datetime import UTC, datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
+
+from provenance import git_commit, git_dirty, package_versions  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV, LAYERS = 4096, 14336, 1024, 32
 PROJECTIONS = {  # name: (out, in), Llama-3.1-8B
@@ -271,20 +273,10 @@ def init_rows(ranks: dict, device: str, timer, projections: dict, layers: int) -
 # --- results --------------------------------------------------------------------------------------------------
 
 def environment(device: str) -> dict:
-    from importlib import metadata
-
     import torch
 
-    found = {}
-    for package in ("torch", "triton", "peft", "transformers"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                            check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "kernels", "benchmarks/kernels.py"],
-                                capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip())
+    found = package_versions("torch", "triton", "peft", "transformers")
+    commit, dirty = git_commit(), git_dirty("kernels", "benchmarks/kernels.py")
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"CPU under TRITON_INTERPRET ({platform.processor() or 'cpu'})"
     return {"gpu": gpu, "cuda": torch.version.cuda, "versions": found, "commit": commit, "kernels_dirty": dirty,
             "python": platform.python_version(), "date": datetime.now(UTC).isoformat(timespec="seconds")}

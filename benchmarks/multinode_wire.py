@@ -25,19 +25,20 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from netns import Cluster, netns_unavailable  # noqa: E402
 from netns_launch import run_job, write_reviews  # noqa: E402
 
 from gora_dist.comm_model import gora_collective_bytes  # noqa: E402
+from provenance import git_commit, git_dirty  # noqa: E402
 
 NODES, STEPS = (2, 4), (4, 8)
 OUT = os.path.join(ROOT, "benchmarks", "results")
@@ -108,10 +109,8 @@ def main() -> None:
         analysis.append({"nodes": nodes, "measured_step_bytes_per_node": slope, "model_step_bytes_per_node": modelled_step,
                          "model_step_parts": {**engine, "gora_flags": gora_slope},
                          "measured_over_model": slope / modelled_step})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "gora_dist", "launch", "tests/netns.py",
-                                 "tests/netns_launch.py", "benchmarks/multinode_wire.py"], cwd=ROOT,
-                                capture_output=True, text=True, check=False).stdout.strip())
+    commit = git_commit(short=False)
+    dirty = git_dirty("gora_dist", "launch", "tests/netns.py", "tests/netns_launch.py", "benchmarks/multinode_wire.py")
     import torch
 
     try:

@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,10 +35,13 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
+
 from gora_dist import GoRAConfig, apply_gora
 from gora_dist.layers import gora_modules
 from gora_dist.launcher.data import global_batch_indices, load_examples, split_examples
 from gora_dist.launcher.models import load_model
+from provenance import git_commit, git_dirty  # noqa: E402
 
 # every linear layer of the encoder blocks (the pooler is left out: its input has no token axis,
 # which EVA's default input handling needs)
@@ -294,16 +296,10 @@ def environment() -> dict:
     import peft
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", False
+    dirty = git_dirty(untracked=False)
     return dict(machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, CPU",
                 torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                python=platform.python_version(), commit=commit + ("+dirty" if dirty else ""),
+                python=platform.python_version(), commit=(git_commit() or "unknown") + ("+dirty" if dirty else ""),
                 date=time.strftime("%Y-%m-%d %H:%M %Z"), threads=torch.get_num_threads())
 
 
