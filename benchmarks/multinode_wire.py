@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py,
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from netns import Cluster, netns_unavailable  # noqa: E402
-from netns_launch import run_job, write_reviews  # noqa: E402
+from conftest import write_reviews  # noqa: E402
+from netns_launch import run_job  # noqa: E402
 
 from gora_dist.comm_model import gora_collective_bytes  # noqa: E402
 from provenance import git_commit, git_dirty  # noqa: E402

@@ -1,4 +1,7 @@
-"""Tiny transformers models built from configs (no hub), and batches for them."""
+"""Tiny transformers models built from configs (no hub), batches for them, and synthetic review data."""
+
+import json
+import random
 
 import pytest
 import torch
@@ -37,3 +40,17 @@ def model():
 @pytest.fixture
 def batches():
     return lm_batches(6)
+
+
+def write_reviews(path: str, count: int = 400) -> str:
+    """Synthetic sentiment JSONL for the launcher: three sentiment words and three fillers per review;
+    the label is which word list (seeded, so every test and node writes the same file)."""
+    rng = random.Random(0)
+    positive, negative = "good great lovely superb fine wonderful".split(), "bad awful poor dull boring terrible".split()
+    with open(path, "w") as handle:
+        for index in range(count):
+            label = index % 2
+            words = rng.choices(positive if label else negative, k=3) + rng.choices("the a film plot was it".split(), k=3)
+            rng.shuffle(words)
+            handle.write(json.dumps({"text": " ".join(words), "label": "positive" if label else "negative"}) + "\n")
+    return path

@@ -17,9 +17,7 @@ Launchers (the per-node command lines a user types on a real cluster, one per no
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -32,19 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 LAUNCHERS = ("torchrun", "torchrun-c10d", "deepspeed")
 _port = [29400]
-
-
-def write_reviews(path: str, count: int = 400) -> str:
-    """Synthetic sentiment JSONL as tests/test_launch.py's fixture writes it (same words, same seed)."""
-    rng = random.Random(0)
-    positive, negative = ["good", "great", "lovely", "superb", "fine", "wonderful"], ["bad", "awful", "poor", "dull", "boring", "terrible"]
-    with open(path, "w") as handle:
-        for index in range(count):
-            label = index % 2
-            words = rng.choices(positive if label else negative, k=3) + rng.choices(["the", "a", "film", "plot", "was", "it"], k=3)
-            rng.shuffle(words)
-            handle.write(json.dumps({"text": " ".join(words), "label": "positive" if label else "negative"}) + "\n")
-    return path
 
 
 def node_env(**extra: str) -> dict:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_reviews
 from gora_dist import load_adapter
 from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.config import load_config
@@ -29,16 +30,7 @@ TRAIN = os.path.join(ROOT, "launch", "train.py")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """400 synthetic reviews: three sentiment words and three fillers; label = which word list."""
-    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
-    rng = random.Random(0)
-    positive, negative = "good great lovely superb fine wonderful".split(), "bad awful poor dull boring terrible".split()
-    with open(path, "w") as handle:
-        for index in range(400):
-            label = index % 2
-            words = rng.choices(positive if label else negative, k=3) + rng.choices("the a film plot was it".split(), k=3)
-            rng.shuffle(words)
-            handle.write(json.dumps({"text": " ".join(words), "label": "positive" if label else "negative"}) + "\n")
-    return str(path)
+    return write_reviews(str(tmp_path_factory.mktemp("data") / "reviews.jsonl"))
 
 
 def arguments(data, out, *extra, steps=10):

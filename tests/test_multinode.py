@@ -19,8 +19,9 @@ import time
 
 import pytest
 import torch
+from conftest import write_reviews
 from netns import Cluster, netns_unavailable
-from netns_launch import TRAIN, run_job, start_job, tool, write_reviews
+from netns_launch import TRAIN, run_job, start_job, tool
 from safetensors.torch import load_file
 
 from gora_dist.comm_model import gora_collective_bytes
