@@ -50,7 +50,7 @@ def model_sizes() -> dict:
     from gora_dist.launcher.config import LLAMA_TARGETS
     from gora_dist.launcher.models import load_model
 
-    model, _ = load_model("tiny-llama")
+    model = load_model("tiny-llama")
     total = sum(p.numel() for p in model.parameters())
     blocks = sum(p.numel() for p in model.model.layers.parameters())
     targets = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)

@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py,
 
 from gora_dist import GoRAConfig, apply_gora
 from gora_dist.layers import gora_modules
-from gora_dist.launcher.data import global_batch_indices, load_examples, split_examples
-from gora_dist.launcher.models import load_model
+from gora_dist.launcher.data import global_batch_indices, split_examples
+from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder
 from provenance import git_commit, git_dirty  # noqa: E402
 
 # every linear layer of the encoder blocks (the pooler is left out: its input has no token axis,
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     train, test = split_examples(examples, setting.train_examples, setting.test_examples)
     tune_train, val = train[setting.val_examples:], train[:setting.val_examples]
     torch.manual_seed(0)
-    base, encoder = load_model("minilm", task="seq-cls", labels=names, max_length=setting.max_length)
+    base, encoder = model_and_encoder("minilm", task="seq-cls", labels=names, max_length=setting.max_length)
 
     def recorded(phase, method, lr, seed, train_split, evaluation):
         for row in done:

@@ -22,8 +22,8 @@ from accelerate import Accelerator  # noqa: E402
 
 from gora_dist import GoRAConfig  # noqa: E402
 from gora_dist.integrations import gather_adapters, prepare_gora  # noqa: E402
-from gora_dist.launcher.data import load_examples, split_examples  # noqa: E402
-from gora_dist.launcher.models import load_model  # noqa: E402
+from gora_dist.launcher.data import split_examples  # noqa: E402
+from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder  # noqa: E402
 from gora_dist.plan import GoRAPlan  # noqa: E402
 from gora_dist.adapter_io import save_plan  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> None:
     options = parser.parse_args()
 
     accelerator = Accelerator()
-    model, encoder = load_model(options.model, precision="fp32", max_length=64)
+    model, encoder = model_and_encoder(options.model, precision="fp32", max_length=64)
     examples, _ = load_examples(options.data)
     train, _ = split_examples(examples, 2000, 200)
     collate = encoder.batch  # list of (text, label) -> model inputs

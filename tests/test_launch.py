@@ -20,7 +20,7 @@ from conftest import write_reviews
 from gora_dist import load_adapter
 from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.config import load_config
-from gora_dist.launcher.models import load_model
+from gora_dist.launcher.tasks.classification import model_and_encoder
 from gora_dist.launcher.runner import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ def adapter_tensors(out, name="adapter"):
 
 def logits_with(adapter_dir, use_peft, model_spec="tiny-llama", **model_kwargs):
     """Logits of a fresh base model with the saved adapter, loaded by PEFT or by gora_dist."""
-    model, encoder = load_model(model_spec, max_length=64, **model_kwargs)
+    model, encoder = model_and_encoder(model_spec, max_length=64, **model_kwargs)
     if use_peft:
         import peft
 

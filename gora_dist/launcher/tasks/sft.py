@@ -1,0 +1,121 @@
+"""Supervised fine-tuning of a causal LM on prompt → response data, evaluated by generation.
+
+Loss: next-token cross-entropy on the response tokens (``train_on_prompt``: on every token), as
+the mean over the response tokens of the whole global batch. Each micro-batch passes
+``num_items_in_batch`` = (global batch's target tokens) / (ranks × micro-batches) to the model, so
+its loss is its share of that mean and the averaged gradient is the same at every world size, for
+GoRA's estimation and for training alike (a per-micro-batch mean would weigh a short response
+like a long one, differently at each world size).
+
+Evaluation on the held-out examples: the mean response negative log-likelihood (per token, over all
+of them: low noise), and exact match of greedy generations (batched, KV cache, ``max_new_tokens``;
+``answer_match``: the first number for answers that start with one, a normalised string otherwise;
+see ``answers.py``). Under FSDP2 and ZeRO-3 every rank runs every forward of ``generate``
+(``synced_gpus``) until the last rank's sequences are done.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .answers import answers_match
+from .base import all_sum, gather_samples, rank_chunks
+from .sft_data import SFTFields, sft_records, tokenize_records
+
+
+class SFTTask:
+    metric_names = ("exact_match", "response_nll")
+
+    def __init__(self, config, tokenizer) -> None:
+        self.tokenizer, self.config = tokenizer, config
+        fields = SFTFields(config.prompt_field, config.completion_field, config.messages_field)
+        train_records, eval_records = sft_records(config.data, config.eval_data, config.eval_examples)
+        train_records = train_records[:config.train_examples]
+        self.train, self.train_lengths = tokenize_records(tokenizer, train_records, fields, config.max_length,
+                                                          config.skip_long)
+        self.evaluation, self.eval_lengths = tokenize_records(tokenizer, eval_records, fields, config.max_length,
+                                                              config.skip_long)
+        if not self.train or not self.evaluation:
+            raise ValueError(f"data={config.data!r}: {len(self.train)} training and {len(self.evaluation)} held-out "
+                             "examples left; both must be at least one")
+
+    def summary(self) -> List[str]:
+        return [self.train_lengths.line("training data"), self.eval_lengths.line("held-out data")]
+
+    def data_counts(self) -> dict:
+        return {"train": vars(self.train_lengths) | {"skipped_origins": self.train_lengths.skipped_origins[:10]},
+                "eval": vars(self.eval_lengths) | {"skipped_origins": self.eval_lengths.skipped_origins[:10]}}
+
+    # --- training batches ----------------------------------------------------------------------------
+
+    def _targets(self, example) -> List[bool]:
+        return [True] * len(example.ids) if self.config.train_on_prompt else list(example.response_mask)
+
+    def target_count(self, example) -> int:
+        return sum(self._targets(example)[1:])  # position 0 is never predicted
+
+    def _right_padded(self, examples, targets) -> dict:
+        width = max(len(example.ids) for example in examples)
+        input_ids = torch.full((len(examples), width), self.tokenizer.pad_id, dtype=torch.long)
+        attention = torch.zeros(len(examples), width, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        for row, (example, mask) in enumerate(zip(examples, targets)):
+            ids = torch.tensor(example.ids)
+            input_ids[row, :len(ids)] = ids
+            attention[row, :len(ids)] = 1
+            labels[row, :len(ids)] = torch.where(torch.tensor(mask), ids, torch.full_like(ids, -100))
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def batch(self, examples: Sequence, *, global_batch: Sequence = (), share: int = 1) -> dict:
+        batch = self._right_padded(examples, [self._targets(example) for example in examples])
+        whole = global_batch or examples
+        batch["num_items_in_batch"] = sum(self.target_count(example) for example in whole) / share
+        return batch
+
+    # --- evaluation ------------------------------------------------------------------------------------
+
+    def _nll(self, evaluator, chunk, real: int, device) -> tuple:
+        batch = self._right_padded(chunk, [example.response_mask for example in chunk])
+        labels = batch.pop("labels")
+        logits = evaluator.logits({key: value.to(device) for key, value in batch.items()})[:real, :-1]
+        targets = labels[:real, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        return float(nll), int((targets != -100).sum())
+
+    def _generate(self, evaluator, chunk, device) -> List[str]:
+        width = max(len(example.prompt_ids) for example in chunk)
+        input_ids = torch.full((len(chunk), width), self.tokenizer.pad_id, dtype=torch.long)
+        attention = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, example in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(example.prompt_ids):] = torch.tensor(example.prompt_ids)
+            attention[row, width - len(example.prompt_ids):] = 1
+        output = evaluator.generate({"input_ids": input_ids.to(device), "attention_mask": attention.to(device)},
+                                    max_new_tokens=self.config.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
+                                    pad_token_id=self.tokenizer.pad_id)
+        texts = []
+        for row in output[:, width:].tolist():
+            if self.tokenizer.eos_id in row:
+                row = row[:row.index(self.tokenizer.eos_id)]
+            texts.append(self.tokenizer.decode(row).strip())
+        return texts
+
+    def evaluate(self, evaluator, setup, batch_size: int):
+        nll_sum = tokens = matches = 0.0
+        samples = []
+        for chunk, real, indices in rank_chunks(self.evaluation, setup, batch_size):
+            nll, count = self._nll(evaluator, chunk, real, setup.device)
+            nll_sum, tokens = nll_sum + nll, tokens + count
+            for index, example, text in zip(indices, chunk, self._generate(evaluator, chunk, setup.device)[:real]):
+                match = answers_match(text, example.reference, self.config.answer_match)
+                matches += match
+                if index < self.config.show_generations:
+                    samples.append({"index": index, "origin": example.origin,
+                                    "prompt": self.tokenizer.decode(example.prompt_ids), "reference": example.reference,
+                                    "generation": text, "match": bool(match)})
+        nll_sum, tokens, matches = all_sum([nll_sum, tokens, matches], setup)
+        metrics = {"exact_match": matches / len(self.evaluation), "response_nll": nll_sum / tokens}
+        return metrics, gather_samples(samples, setup)
