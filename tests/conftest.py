@@ -54,3 +54,23 @@ def write_reviews(path: str, count: int = 400) -> str:
             rng.shuffle(words)
             handle.write(json.dumps({"text": " ".join(words), "label": "positive" if label else "negative"}) + "\n")
     return path
+
+
+ANIMALS = {"cow": ("moo", 4), "duck": ("quack", 2), "dog": ("woof", 4), "cat": ("meow", 4), "hen": ("cluck", 2),
+           "snake": ("hiss", 0), "spider": ("none", 8), "ant": ("none", 6)}
+
+
+def write_sft_records(path: str, count: int = 300) -> str:
+    """Synthetic prompt/completion JSONL for the SFT launcher tests: animals' legs (numeric answers,
+    matched by their first number) and sounds (words, matched normalised); seeded."""
+    rng = random.Random(0)
+    with open(path, "w") as handle:
+        for index in range(count):
+            animal = rng.choice(sorted(ANIMALS))
+            sound, legs = ANIMALS[animal]
+            if index % 2:
+                record = {"prompt": f"Q: legs of a {animal}?\nA:", "completion": f" {legs} legs"}
+            else:
+                record = {"prompt": f"Q: sound of a {animal}?\nA:", "completion": f" {sound}"}
+            handle.write(json.dumps(record) + "\n")
+    return path

@@ -1,7 +1,8 @@
 """launch/train.py end to end on the CPU with a random tiny Llama and synthetic sentiment data:
 config errors, a local run whose adapter PEFT loads, --init-only equal at world sizes 1 and 2,
-kill -9 then --resume reaching the same final adapter, FSDP2 under torchrun and ZeRO-3 under
-the deepspeed launcher, and the bad inputs the launcher must name."""
+kill -9 then --resume reaching the same final adapter, SFT with generation evaluation under FSDP2
+(torchrun) and ZeRO-3 (the deepspeed launcher) equal to one process, and the bad inputs the
+launcher must name. The SFT data and its bad inputs are in test_sft.py."""
 
 import json
 import os
@@ -16,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_reviews
+from conftest import write_reviews, write_sft_records
 from gora_dist import load_adapter
 from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.config import load_config
+from gora_dist.launcher.models import load_model
 from gora_dist.launcher.tasks.classification import model_and_encoder
 from gora_dist.launcher.runner import main
 
@@ -186,11 +188,62 @@ def check_sharded_run(launcher, args, out, gain, logits_of):
     torch.testing.assert_close(logits_of(out / "adapter", True), logits_of(out / "adapter", False), rtol=0, atol=1e-6)
 
 
+# --- supervised fine-tuning: generation evaluation under the sharded engines ---------------------
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    return write_sft_records(str(tmp_path_factory.mktemp("sft") / "animals.jsonl"))
+
+
+def sft_arguments(data, out, *extra):
+    return ["--model", "tiny-llama", "--task", "sft", "--data", data, "--output-dir", str(out), "--steps", "40",
+            "--train-examples", "250", "--eval-examples", "24", "--lr", "1e-2", "--gora.grad_steps", "4",
+            "--max-new-tokens", "6", "--show-generations", "24", *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_one_process(sft_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft-one")
+    main(sft_arguments(sft_data, out, "--checkpoint-every", "0"))
+    return out
+
+
+def generations(out):
+    return [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+
+
+def sft_logits(adapter_dir, use_peft):
+    model = load_model("tiny-llama")
+    if use_peft:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    else:
+        load_adapter(model, adapter_dir)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([list(b"Q: legs of a cow?\nA: 4 legs")])).logits
+
+
 @pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
-def test_sharded_engines_under_their_launchers(data, tmp_path, launcher, engine):
-    args = arguments(data, tmp_path, "--engine", engine, "--checkpoint-every", "5")
-    check_sharded_run(launcher, args, tmp_path, 0.1, logits_with)
-    assert (tmp_path / "checkpoints" / "latest").exists()
+def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process, tmp_path, launcher, engine):
+    """World 2 (FSDP2; ZeRO-3 with synced generation) against one process on the same global batches:
+    the same greedy generations and exact match before training, the response NLL equal to float32
+    summation order before and to 1e-3 after; the NLL falls; PEFT reads the adapter as we do."""
+    if launcher == "deepspeed":
+        pytest.importorskip("deepspeed")
+    result = launch(launcher, 2, sft_arguments(sft_data, tmp_path, "--engine", engine, "--checkpoint-every", "20"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    one = json.loads((sft_one_process / "metrics.json").read_text())
+    two = json.loads((tmp_path / "metrics.json").read_text())
+    assert two["world_size"] == 2 and (tmp_path / "checkpoints" / "latest").exists()
+    assert one["response_nll_after"] < one["response_nll_before"] - 0.5 and one["exact_match_after"] > 0.2
+    assert two["exact_match_before"] == one["exact_match_before"]
+    assert two["response_nll_before"] == pytest.approx(one["response_nll_before"], rel=1e-5)
+    assert two["response_nll_after"] == pytest.approx(one["response_nll_after"], rel=1e-3)
+    assert [row["before"] for row in generations(tmp_path)] == [row["before"] for row in generations(sft_one_process)]
+    assert two["exact_match_after"] == pytest.approx(one["exact_match_after"], abs=1 / 24)  # at most one flip
+    torch.testing.assert_close(sft_logits(tmp_path / "adapter", True), sft_logits(tmp_path / "adapter", False),
+                               rtol=0, atol=1e-6)
 
 
 # --- bad input --------------------------------------------------------------------------------------

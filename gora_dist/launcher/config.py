@@ -85,8 +85,9 @@ class TrainConfig:
     """Examples per optimizer step (and per gradient-estimation step), whatever the world size."""
     micro_batch_size: int = 0
     """Examples per forward on one rank; 0 = global_batch_size / world size (no accumulation)."""
-    max_length: int = 64
-    """Tokens per example. sft: the response is never cut; a too-long prompt loses its start."""
+    max_length: int = 0
+    """Tokens per example; 0: the task's default (128 for sft, 64 otherwise). sft: the response is
+    never cut; a too-long prompt loses its start."""
     train_examples: int = 2000
     eval_examples: int = 200
     eval_batch_size: int = 0
@@ -126,6 +127,8 @@ class TrainConfig:
                                        ("lr_schedule", self.lr_schedule, SCHEDULES)):
             if value not in choices:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
+        if self.max_length == 0:
+            self.max_length = 128 if self.task == "sft" else 64
         for option in ("global_batch_size", "steps", "max_length", "train_examples", "eval_examples", "max_new_tokens"):
             if getattr(self, option) < 1:
                 raise ValueError(f"{option}={getattr(self, option)}: must be >= 1")

@@ -139,10 +139,11 @@ def tokenize_record(tokenizer, record: Record, fields: SFTFields):
     """(ids, response mask, prompt ids, reference) of one record; errors name the record."""
     origin, values = record
     if fields.messages in values and values[fields.messages] is not None:
+        messages = _check_messages(values[fields.messages], origin, fields.messages)
         if not tokenizer.chat_template:
             raise ValueError(f"{origin}: a {fields.messages!r} record needs a chat template, and {tokenizer.name} has "
                              "none; use prompt/completion records, or a model whose tokenizer has one")
-        return _chat(tokenizer, _check_messages(values[fields.messages], origin, fields.messages), origin)
+        return _chat(tokenizer, messages, origin)
     missing = [name for name in (fields.prompt, fields.completion) if name not in values]
     if missing:
         raise ValueError(f"{origin}: a record needs {fields.prompt!r} and {fields.completion!r} (or {fields.messages!r}); "
