@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -169,6 +171,20 @@ def gora_modules(model: nn.Module) -> Iterator[Tuple[str, GoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, GoRALinear):
             yield name, module
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every GoRALinear computes its base layer alone (scale 0): to score the base
+    model through the same wrapped, sharded model, with no second copy."""
+    saved = [(module, module.scaling) for _, module in gora_modules(model)]
+    try:
+        for module, _ in saved:
+            module.scaling = 0.0
+        yield model
+    finally:
+        for module, scaling in saved:
+            module.scaling = scaling
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -74,3 +74,31 @@ def write_sft_records(path: str, count: int = 300) -> str:
                 record = {"prompt": f"Q: sound of a {animal}?\nA:", "completion": f" {sound}"}
             handle.write(json.dumps(record) + "\n")
     return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_tiny_causal_lm(folder: str) -> str:
+    """A local Hugging Face folder: a character-level fast tokenizer (printable ASCII and newline,
+    <pad>, </s>, a chat template) and a random 2-layer Llama. initializer_range 0.2, not transformers'
+    0.02: with a frozen random head that small the logits span about ±1.3 and no adapter can learn to
+    generate an answer in a test's few steps."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    characters = [chr(code) for code in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char: index + 3 for index, char in enumerate(characters)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=120, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from conftest import write_sft_records
+from conftest import save_tiny_causal_lm, write_sft_records
 from gora_dist.launcher.config import load_config
 from gora_dist.launcher.models import load_model
 from gora_dist.launcher.runner import main, resolve_precision
@@ -236,31 +236,27 @@ def test_micro_batch_losses_add_up_to_the_global_token_mean(tmp_path):
 
 # --- a chat run on a local model folder --------------------------------------------------------------
 
-def test_chat_data_on_a_local_model_folder(smollm2_folder, tmp_path):
-    """A random tiny Llama saved with SmolLM2's tokenizer: auto targets from its config, messages
-    rendered with the chat template, generations written, the response NLL falls."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+def test_chat_data_on_a_local_model_folder(tmp_path):
+    """A local folder (character tokenizer with a chat template, random tiny Llama): auto targets from
+    its config, messages rendered with the template, base / init / trained generations written, the
+    response NLL falls."""
+    model = save_tiny_causal_lm(str(tmp_path / "model"))
     with open(tmp_path / "chat.jsonl", "w") as handle:
         for index in range(120):
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Count to {index % 5}."},
+            handle.write(json.dumps({"messages": [{"role": "system", "content": "Count."},
+                                                  {"role": "user", "content": f"up to {index % 5}"},
                                                   {"role": "assistant", "content": f"{index % 5} done"}]}) + "\n")
-    main(["--model", str(tmp_path / "model"), "--task", "sft", "--data", str(tmp_path / "chat.jsonl"), "--steps", "10",
-          "--eval-examples", "16", "--lr", "3e-2", "--gora.grad_steps", "2", "--checkpoint-every", "0",
-          "--max-new-tokens", "4", "--show-generations", "3", "--output-dir", str(tmp_path / "out")])
+    main(["--model", model, "--task", "sft", "--data", str(tmp_path / "chat.jsonl"), "--steps", "20",
+          "--eval-examples", "16", "--lr", "1e-2", "--gora.grad_steps", "2", "--checkpoint-every", "0",
+          "--max-new-tokens", "8", "--show-generations", "3", "--eval-base", "--output-dir", str(tmp_path / "out")])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["response_nll_after"] < metrics["response_nll_before"] - 0.1  # from ln(49152) = 10.8, random weights
+    assert metrics["response_nll_after"] < metrics["response_nll_before"] - 1.0
+    assert metrics["response_nll_base"] != metrics["response_nll_before"]  # GoRA's init moved the model
     assert metrics["config"]["gora"]["target_modules"] == FAMILY_TARGETS["llama"]
     rows = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
     assert [row["index"] for row in rows] == [0, 1, 2]
-    assert rows[0]["prompt"].startswith("system\n") and rows[0]["prompt"].endswith("assistant\n")  # template, decoded
-    assert {"before", "after", "match_before", "match_after", "reference"} <= rows[0].keys()
+    assert rows[0]["prompt"].startswith("<system>Count.<user>up to ") and rows[0]["prompt"].endswith("<assistant>")
+    assert {"base", "before", "after", "match_base", "match_before", "match_after", "reference"} <= rows[0].keys()
 
 
 # --- bad input: named, before any process group, nothing written -----------------------------------

@@ -108,6 +108,9 @@ class TrainConfig:
     precision: str = "auto"
     """bf16 (base weights in bf16; adapters and optimizer in fp32), fp32, or auto: bf16 on GPUs
     (with TF32 matmuls), fp32 on the CPU."""
+    eval_base: bool = False
+    """Also score the base model (adapters off) before training: ``<metric>_base`` in metrics.json.
+    ``<metric>_before`` is the model with GoRA's initial adapters, before any optimizer step."""
     eval_every: int = 0
     """Evaluate every this many steps (0: before and after training only)."""
     checkpoint_every: int = 20

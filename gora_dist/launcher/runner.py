@@ -11,12 +11,13 @@ import socket
 import sys
 import time
 from datetime import timedelta
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..adapter_io import save_plan
+from ..layers import adapters_disabled
 from ..plan import GoRAPlan, apply_plan
 from ..report import GoRAReport
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
@@ -178,17 +179,17 @@ def _resolve_targets(config: TrainConfig, model) -> None:
     config.gora["target_modules"] = resolve_targets(config.gora.get("target_modules", "auto"), model, heads)
 
 
-def _write_generations(path: str, before: List[dict], after: List[dict]) -> None:
-    """One JSON line per shown held-out example: prompt, reference, generation before and after."""
-    after_by_index = {sample["index"]: sample for sample in after}
+def _write_generations(path: str, base: List[dict], before: List[dict], after: List[dict]) -> None:
+    """One JSON line per shown held-out example: prompt, reference, and the generation (with whether
+    it matches) of the base model (--eval-base), of GoRA's init before training, and after training."""
+    rows: Dict[int, dict] = {}
+    for stage, samples in (("base", base), ("before", before), ("after", after)):
+        for sample in samples:
+            row = rows.setdefault(sample["index"], {key: sample[key] for key in ("index", "origin", "prompt", "reference")})
+            row.update({stage: sample["generation"], f"match_{stage}": sample["match"]})
     with open(path, "w") as handle:
-        for sample in before:
-            row = {key: sample[key] for key in ("index", "origin", "prompt", "reference")}
-            row.update(before=sample["generation"], match_before=sample["match"])
-            if sample["index"] in after_by_index:
-                row.update(after=after_by_index[sample["index"]]["generation"],
-                           match_after=after_by_index[sample["index"]]["match"])
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for index in sorted(rows):
+            handle.write(json.dumps(rows[index], ensure_ascii=False) + "\n")
 
 
 def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
@@ -261,9 +262,15 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
 
     trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume, task=task)
     samples_before: List[dict] = []
+    samples_base: List[dict] = []
     try:
         if optimizer_tensors is not None:
             trainer.load_optimizer_state(optimizer_tensors, start_step)
+        if start_step == 0 and config.eval_base:
+            with adapters_disabled(trainer.model):
+                scores, samples_base = evaluate(trainer, task, setup, eval_batch)
+            metrics.update({f"{name}_base": value for name, value in scores.items()})
+            say("base model (adapters off): " + _scores(scores))
         if start_step == 0:
             scores, samples_before = evaluate(trainer, task, setup, eval_batch)
             metrics.update({f"{name}_before": value for name, value in scores.items()})
@@ -296,8 +303,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         if setup.main:
             save_plan(final, os.path.join(out, "adapter"), model)
             if samples_after:
-                _write_generations(os.path.join(out, "generations.jsonl"), samples_before or samples_after,
-                                   samples_after if samples_before else [])
+                _write_generations(os.path.join(out, "generations.jsonl"), samples_base, samples_before, samples_after)
             metrics["wall_s"] = time.perf_counter() - started
             with open(os.path.join(out, "metrics.json"), "w") as handle:
                 json.dump(metrics, handle, indent=2)
