@@ -5,6 +5,10 @@ With no arguments it runs the embedded job on the CPU in a few minutes: SmolLM2-
 (packaged GGUF) learns movie-review sentiment (packaged data) as next-token prediction.
 
     python launch/train.py                                   # one process, embedded default
+    python launch/train.py --task sft --data asdiv            # ASDiv math word problems, scored by generation
+    python launch/train.py --task sft --data my.jsonl --model path/to/hf-folder   # prompt/completion or messages
+    torchrun --nproc_per_node 8 launch/train.py --task sft --data my.jsonl --model path/to/hf-folder --engine fsdp2
+    deepspeed --num_gpus 8 launch/train.py --task sft --data my.parquet --model path/to/hf-folder
     python launch/train.py my.yaml --steps 200 --gora.rank_max 64
     torchrun --nproc_per_node 8 launch/train.py --engine fsdp2 [--engine ddp]
     deepspeed --num_gpus 8 launch/train.py                    # ZeRO-3 (engine auto under deepspeed)

@@ -88,7 +88,8 @@ class TrainConfig:
     max_length: int = 0
     """Tokens per example; 0: the task's default (128 for sft, 64 otherwise). sft: the response is
     never cut; a too-long prompt loses its start."""
-    train_examples: int = 2000
+    train_examples: int = 0
+    """Training examples used; 0: every record for sft, 2000 for classification."""
     eval_examples: int = 200
     eval_batch_size: int = 0
     """Held-out examples per forward (and per generate) on one rank; 0 = micro_batch_size."""
@@ -132,7 +133,11 @@ class TrainConfig:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
         if self.max_length == 0:
             self.max_length = 128 if self.task == "sft" else 64
-        for option in ("global_batch_size", "steps", "max_length", "train_examples", "eval_examples", "max_new_tokens"):
+        if self.train_examples == 0 and self.task != "sft":
+            self.train_examples = 2000
+        if self.train_examples < 0:
+            raise ValueError(f"train_examples={self.train_examples}: must be >= 0 (0: the task's default)")
+        for option in ("global_batch_size", "steps", "max_length", "eval_examples", "max_new_tokens"):
             if getattr(self, option) < 1:
                 raise ValueError(f"{option}={getattr(self, option)}: must be >= 1")
         if self.lr <= 0 or self.loraplus_lr_ratio <= 0:

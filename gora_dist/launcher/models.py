@@ -20,8 +20,7 @@ def _tiny_model(spec: str, task: str, head: dict, max_length: int) -> nn.Module:
     if spec == "tiny-llama":
         config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=120,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=max(128, 2 * max_length), tie_word_embeddings=False,
-                             pad_token_id=ByteTokenizer.pad_id, eos_token_id=ByteTokenizer.eos_id, bos_token_id=None)
+                             max_position_embeddings=max(128, max_length), tie_word_embeddings=False)
         model = LlamaForCausalLM(config)
     else:
         config = BertConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=120,

@@ -33,7 +33,7 @@ class SFTTask:
         self.tokenizer, self.config = tokenizer, config
         fields = SFTFields(config.prompt_field, config.completion_field, config.messages_field)
         train_records, eval_records = sft_records(config.data, config.eval_data, config.eval_examples)
-        train_records = train_records[:config.train_examples]
+        train_records = train_records[:config.train_examples or None]  # 0: all of them
         self.train, self.train_lengths = tokenize_records(tokenizer, train_records, fields, config.max_length,
                                                           config.skip_long)
         self.evaluation, self.eval_lengths = tokenize_records(tokenizer, eval_records, fields, config.max_length,
@@ -66,7 +66,7 @@ class SFTTask:
             ids = torch.tensor(example.ids)
             input_ids[row, :len(ids)] = ids
             attention[row, :len(ids)] = 1
-            labels[row, :len(ids)] = torch.where(torch.tensor(mask), ids, torch.full_like(ids, -100))
+            labels[row, :len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), ids, torch.full_like(ids, -100))
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
     def batch(self, examples: Sequence, *, global_batch: Sequence = (), share: int = 1) -> dict:
@@ -114,7 +114,7 @@ class SFTTask:
                 matches += match
                 if index < self.config.show_generations:
                     samples.append({"index": index, "origin": example.origin,
-                                    "prompt": self.tokenizer.decode(example.prompt_ids), "reference": example.reference,
+                                    "prompt": self.tokenizer.decode(list(example.prompt_ids)), "reference": example.reference,
                                     "generation": text, "match": bool(match)})
         nll_sum, tokens, matches = all_sum([nll_sum, tokens, matches], setup)
         metrics = {"exact_match": matches / len(self.evaluation), "response_nll": nll_sum / tokens}

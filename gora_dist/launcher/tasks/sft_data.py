@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from array import array
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 from ..data import split_examples
@@ -34,12 +35,14 @@ ASDIV_TEST = 400
 @dataclass(frozen=True)
 class SFTExample:
     """ids: prompt then response; response_mask[i]: ids[i] is a response token (a loss target);
-    prompt_ids: what generation starts from; reference: the response text, for matching."""
+    prompt_ids: what generation starts from; reference: the response text, for matching.
+    Stored as int32 / int8 arrays: 4 bytes a token, not a Python int each (a data set is held whole
+    on every rank)."""
 
     origin: str
-    ids: Tuple[int, ...]
-    response_mask: Tuple[bool, ...]
-    prompt_ids: Tuple[int, ...]
+    ids: Sequence[int]
+    response_mask: Sequence[int]
+    prompt_ids: Sequence[int]
     reference: str
 
     @property
@@ -182,7 +185,7 @@ def tokenize_records(tokenizer, records: Sequence[Record], fields: SFTFields, ma
             continue
         ids, mask, prompt_ids, cut = fitted
         report.cut += cut
-        examples.append(SFTExample(record[0], tuple(ids), tuple(mask), tuple(prompt_ids), reference))
+        examples.append(SFTExample(record[0], array("i", ids), array("b", mask), array("i", prompt_ids), reference))
     report.kept = len(examples)
     return examples, report
 
