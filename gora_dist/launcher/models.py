@@ -9,10 +9,8 @@ import torch.nn as nn
 
 from .tokenizer import ByteTokenizer, model_source
 
-CAUSAL_TASKS = ("causal-lm", "sft")
 
-
-def _tiny_model(spec: str, task: str, head: dict, max_length: int) -> nn.Module:
+def _tiny_model(spec: str, head: dict, max_length: int) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     state = torch.random.get_rng_state()
@@ -43,7 +41,7 @@ def load_model(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("
         if (spec == "tiny-bert") != (task == "seq-cls"):
             raise ValueError(f"model={spec!r} with task={task!r}: tiny-bert is a sequence classifier (seq-cls), "
                              "tiny-llama a causal LM (causal-lm, sft)")
-        model = _tiny_model(spec, task, head, max_length).to(dtype)
+        model = _tiny_model(spec, head, max_length).to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
