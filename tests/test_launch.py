@@ -23,6 +23,7 @@ from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.config import load_config
 from gora_dist.launcher.models import load_model
 from gora_dist.launcher.tasks.classification import model_and_encoder
+from gora_dist.launcher.tokenizer import load_tokenizer
 from gora_dist.launcher.runner import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,6 +217,7 @@ def generations(out):
 
 
 def sft_logits(adapter_dir, model_folder, use_peft):
+    ids = load_tokenizer(model_folder).encode("Q: legs of a cow?\nA: 4 legs")
     model = load_model(model_folder)
     if use_peft:
         import peft
@@ -224,7 +226,7 @@ def sft_logits(adapter_dir, model_folder, use_peft):
     else:
         load_adapter(model, adapter_dir)
     with torch.no_grad():
-        return model(input_ids=torch.tensor([[52, 29, 3, 75, 76, 98, 36, 29, 3, 23]])).logits
+        return model(input_ids=torch.tensor([ids])).logits
 
 
 @pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])

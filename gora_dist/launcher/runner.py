@@ -26,6 +26,7 @@ from .data import global_batch_indices, rank_micro_batches
 from .models import load_model
 from .targets import resolve_targets
 from .tasks import Task, build_task
+from .tasks.base import all_sum, to_device
 from .tokenizer import load_tokenizer
 
 ESTIMATION_ENGINE = {"local": "local", "ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3", "zero2": "ddp"}
@@ -103,10 +104,6 @@ def deepspeed_config(config: TrainConfig, stage: int, micro: int, accumulation: 
     return base
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
 def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
@@ -116,11 +113,7 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 
 def _all_mean(value: float, setup: Setup) -> float:
-    if setup.world == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=setup.device if setup.device.type == "cuda" else "cpu")
-    dist.all_reduce(tensor)
-    return float(tensor) / setup.world
+    return all_sum([value], setup)[0] / setup.world
 
 
 def evaluate(trainer, task: Task, setup: Setup, batch_size: int):
@@ -284,7 +277,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
             trainer.train_mode(True)  # dropout on (evaluate switches it off)
             # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
             torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
-            micro_losses = [trainer.micro_step(_to(batch, setup.device), accumulation)
+            micro_losses = [trainer.micro_step(to_device(batch, setup.device), accumulation)
                             for batch in rank_batches(task, train, next(stream), setup, micro)]
             trainer.optimizer_step()
             loss = _all_mean(sum(micro_losses) / len(micro_losses), setup)

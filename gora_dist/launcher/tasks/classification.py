@@ -23,7 +23,7 @@ from ..data import split_examples
 from ..models import load_model
 from ..records import read_jsonl
 from ..tokenizer import load_tokenizer, single_token
-from .base import all_sum, rank_chunks
+from .base import all_sum, rank_chunks, to_device
 
 PROMPT = "Review: {text}\nSentiment (positive or negative):"
 LABEL_WORDS = (" negative", " positive")
@@ -183,8 +183,8 @@ class ClassificationTask:
         correct = 0.0
         for chunk, real, _ in rank_chunks(self.evaluation, setup, batch_size):
             inputs, labels = self.encoder.eval_inputs(chunk)
-            inputs = {key: value.to(setup.device) for key, value in inputs.items()}
-            choice = self.encoder.predict(evaluator.logits(inputs, **self.encoder.forward_kwargs)).cpu()
+            choice = self.encoder.predict(evaluator.logits(to_device(inputs, setup.device),
+                                                           **self.encoder.forward_kwargs)).cpu()
             correct += float((choice[:real] == labels[:real]).sum())
         (total,) = all_sum([correct], setup)
         return {"accuracy": total / len(self.evaluation)}, []

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .answers import answers_match
-from .base import all_sum, gather_samples, rank_chunks
+from .base import all_sum, gather_samples, rank_chunks, to_device
 from .sft_data import SFTFields, sft_records, tokenize_records
 
 
@@ -46,8 +46,7 @@ class SFTTask:
         return [self.train_lengths.line("training data"), self.eval_lengths.line("held-out data")]
 
     def data_counts(self) -> dict:
-        return {"train": vars(self.train_lengths) | {"skipped_origins": self.train_lengths.skipped_origins[:10]},
-                "eval": vars(self.eval_lengths) | {"skipped_origins": self.eval_lengths.skipped_origins[:10]}}
+        return {"train": self.train_lengths.counts(), "eval": self.eval_lengths.counts()}
 
     # --- training batches ----------------------------------------------------------------------------
 
@@ -55,7 +54,8 @@ class SFTTask:
         return [True] * len(example.ids) if self.config.train_on_prompt else list(example.response_mask)
 
     def target_count(self, example) -> int:
-        return sum(self._targets(example)[1:])  # position 0 is never predicted
+        """Tokens the loss counts (position 0 is never predicted)."""
+        return len(example.ids) - 1 if self.config.train_on_prompt else example.response_tokens
 
     def _right_padded(self, examples, targets) -> dict:
         width = max(len(example.ids) for example in examples)
@@ -80,7 +80,7 @@ class SFTTask:
     def _nll(self, evaluator, chunk, real: int, device) -> tuple:
         batch = self._right_padded(chunk, [example.response_mask for example in chunk])
         labels = batch.pop("labels")
-        logits = evaluator.logits({key: value.to(device) for key, value in batch.items()})[:real, :-1]
+        logits = evaluator.logits(to_device(batch, device))[:real, :-1]
         targets = labels[:real, 1:].to(logits.device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                               reduction="sum")
@@ -93,7 +93,7 @@ class SFTTask:
         for row, example in enumerate(chunk):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(example.prompt_ids):] = torch.tensor(example.prompt_ids)
             attention[row, width - len(example.prompt_ids):] = 1
-        output = evaluator.generate({"input_ids": input_ids.to(device), "attention_mask": attention.to(device)},
+        output = evaluator.generate(to_device({"input_ids": input_ids, "attention_mask": attention}, device),
                                     max_new_tokens=self.config.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
                                     pad_token_id=self.tokenizer.pad_id)
         texts = []

@@ -44,11 +44,8 @@ class SFTExample:
     response_mask: Sequence[int]
     prompt_ids: Sequence[int]
     reference: str
-
-    @property
-    def response_tokens(self) -> int:
-        """Targets the loss counts (position 0 is never predicted)."""
-        return sum(self.response_mask[1:])
+    response_tokens: int
+    """Response tokens the loss counts (position 0 is never predicted): read once per global batch."""
 
 
 @dataclass
@@ -66,6 +63,10 @@ class LengthReport:
     cut: int = 0
     skipped: int = 0
     skipped_origins: List[str] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        """For metrics.json: the counts and the first ten skipped records."""
+        return {"kept": self.kept, "cut": self.cut, "skipped": self.skipped, "skipped_origins": self.skipped_origins[:10]}
 
     def line(self, what: str) -> str:
         text = f"{what}: {self.kept} examples"
@@ -185,7 +186,8 @@ def tokenize_records(tokenizer, records: Sequence[Record], fields: SFTFields, ma
             continue
         ids, mask, prompt_ids, cut = fitted
         report.cut += cut
-        examples.append(SFTExample(record[0], array("i", ids), array("b", mask), array("i", prompt_ids), reference))
+        examples.append(SFTExample(record[0], array("i", ids), array("b", mask), array("i", prompt_ids), reference,
+                                   sum(mask[1:])))
     report.kept = len(examples)
     return examples, report
 
