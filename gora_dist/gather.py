@@ -1,5 +1,6 @@
-"""Full copies of parameters however an engine holds them: plain, FSDP2 DTensor shards, or ZeRO-3
-partitions. A collective when sharded (every rank calls it, every rank gets full tensors)."""
+"""Full copies of parameters however an engine holds them (plain, FSDP2 DTensor shards, or ZeRO-3
+partitions), and the way back: writing a full value into such a parameter. A collective when
+sharded (every rank calls it; every rank gets, or gives, full tensors)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,24 @@ def under(prefixes) -> Callable[[str], bool]:
     """A name filter: parameters of the modules called ``prefixes``."""
     prefixes = tuple(f"{p}." for p in prefixes)
     return lambda name: name.startswith(prefixes)
+
+
+@torch.no_grad()
+def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set a parameter, however it is held, to ``value`` (the same full tensor on every rank): a
+    DTensor keeps its own shard of it, a ZeRO-3 parameter is gathered, set and re-partitioned. A
+    meta tensor is left alone (nothing to write into yet)."""
+    if param.device.type == "meta":
+        return
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = value.to(device=param.device, dtype=param.dtype)
+        param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+    elif hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.copy_(value)
+    else:
+        param.copy_(value)

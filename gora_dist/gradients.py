@@ -8,32 +8,45 @@ process or under DDP. Every step's gradients are checked for NaN/Inf with one fl
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 
 @contextlib.contextmanager
-def gradients_only_for(model: nn.Module, weights: Dict[str, nn.Parameter]) -> Iterator[None]:
-    """Within the block only ``weights`` require grad; flags and earlier ``.grad`` come back afterwards, even on error."""
-    # By name, not by object: an engine (FSDP2) may replace the parameters inside the block.
-    saved = {name: param.requires_grad for name, param in model.named_parameters()}
-    target_names = {id(param) for param in weights.values()}
-    stashed_grads = {name: param.grad for name, param in model.named_parameters() if id(param) in target_names}
+def gradients_only_for(model: nn.Module, weight_names: Iterable[str]) -> Iterator[None]:
+    """Within the block only the parameters called ``weight_names`` require grad; flags and earlier
+    ``.grad`` come back afterwards, even on error.
+
+    By name, never holding a parameter: an engine (FSDP2) replaces the parameters inside the block,
+    and a reference kept here would keep every unsharded target weight alive through estimation."""
+    wanted = set(weight_names)
+    params = dict(model.named_parameters())
+    missing = sorted(wanted - set(params))
+    if missing:
+        raise ValueError(f"no parameter called {missing[0]} in the model")
+    saved = {name: param.requires_grad for name, param in params.items()}
+    stashed_grads = {name: params[name].grad for name in wanted if params[name].grad is not None}
     try:
-        for param in model.parameters():
+        for param in params.values():
             param.requires_grad_(False)
-        for param in weights.values():
-            param.requires_grad_(True)
-            param.grad = None  # an earlier .grad would leak into the first sum
+        for name in wanted:
+            params[name].requires_grad_(True)
+            params[name].grad = None  # an earlier .grad would leak into the first sum
+        del params
         yield
     finally:
         for name, param in model.named_parameters():
             if name in saved:
                 param.requires_grad_(saved[name])
-            if name in stashed_grads and stashed_grads[name] is not None:
+            if name in stashed_grads:
                 param.grad = stashed_grads[name]
+
+
+def target_weight_names(targets: Dict[str, nn.Module]) -> list:
+    """The parameter names of the target modules' weights."""
+    return [f"{name}.weight" for name in targets]
 
 
 class ShardedAccumulator:

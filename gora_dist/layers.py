@@ -12,6 +12,7 @@ from torch.nn.modules import module as _module_hooks
 
 from gora_dist.kernels import KERNEL_DTYPES, triton_can_run
 
+from .gather import write_full
 from .initialization import rslora_scaling
 
 
@@ -279,9 +280,7 @@ def install_adapters(
                 adapter.lora_B.copy_(lora_b)
         set_submodule(model, name, adapter)
         adapters[name] = adapter
-    with torch.no_grad():
-        for param, value in saved_params.values():
-            if param.device.type != "meta":
-                param.copy_(value)
+    for param, value in saved_params.values():
+        write_full(param, value)
     mark_only_adapters_trainable(model, modules_to_save)
     return adapters

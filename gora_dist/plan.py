@@ -33,7 +33,8 @@ from .gradients import ShardedAccumulator
 from .importance import abs_wg_partial_sum, nuclear_norm, normalize_importance, relative_change
 from .initialization import b0_scale, gram_cholesky, kaiming_uniform_a, projected_energy, residual_ratio, rslora_scaling, solve_b0
 from .apply_utils import transformer_blocks
-from .gather import full_parameters, under
+from .gather import full_parameters, under, write_full
+from .replicated import AveragedReplicas
 from .gelora import HiddenStateSampler, block_ranks, gelora_rank_map, level_dimensions
 from .layers import GoRALinear, install_adapters, saved_modules
 from .report import GoRAReport, LayerReport
@@ -335,19 +336,28 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
 # --- applying a plan ------------------------------------------------------------------------------
 
 def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
-    """Wrap every planned layer of ``model`` (unwrapped, before any engine) in a GoRALinear holding
-    the plan's A0 and B0; freeze everything else. Checks every layer before changing anything.
+    """Wrap every planned layer of ``model`` in a GoRALinear holding the plan's A0 and B0; freeze
+    everything else. Checks every layer before changing anything.
+
+    ``model`` is unwrapped, or still sharded by the estimation: ZeRO-3 partitioned (then
+    ``deepspeed.initialize`` it), or FSDP2 ``fully_shard``-ed (train it as it is: the adapters are
+    replicated on every rank and their gradients averaged at the end of each backward, see
+    ``gora_dist.replicated``).
 
     On a meta-device model the adapters are created on meta too; fill them after materialising
     with :func:`copy_plan_into_adapters`.
     """
     config = plan.report.config
     weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
-    return install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout,
-                            modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
+    adapters = install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout,
+                                modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
+    sharded = [m.base.weight for m in adapters.values() if hasattr(m.base.weight, "device_mesh")]
+    if sharded:  # an FSDP2 model: the new adapters are replicated, their gradients averaged per backward
+        params = [p for m in adapters.values() for p in (m.lora_A, m.lora_B)]
+        AveragedReplicas(params, group=sharded[0].device_mesh.get_group())
+    return adapters
 
 
-@torch.no_grad()
 def copy_plan_into_adapters(model: nn.Module, plan: GoRAPlan) -> None:
     """Write A0/B0 into adapters that were created on meta and then materialised, possibly sharded
     (FSDP2 DTensors: each rank writes its own shard)."""
@@ -355,15 +365,7 @@ def copy_plan_into_adapters(model: nn.Module, plan: GoRAPlan) -> None:
         if rank == 0:
             continue
         adapter = model.get_submodule(name)
-        for param, full in ((adapter.lora_A, plan.lora_a[name]), (adapter.lora_B, plan.lora_b[name])):
-            if hasattr(param, "device_mesh"):  # DTensor
-                from torch.distributed.tensor import distribute_tensor
-
-                full = full.to(device=param.device, dtype=param.dtype)
-                local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-                param.to_local().copy_(local)
-            else:
-                param.copy_(full)
-
+        write_full(adapter.lora_A, plan.lora_a[name])
+        write_full(adapter.lora_B, plan.lora_b[name])
 
 __all__ = ["GoRAPlan", "build_plan", "estimate_gradients", "apply_plan", "copy_plan_into_adapters", "GoRADistributedError"]

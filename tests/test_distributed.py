@@ -81,11 +81,17 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
     assert max(held) <= math.ceil(target / world) + 48 * len(report.layers)  # at most a row per layer over 1/world
 
     assert all(fact["flags_restored"] for fact in facts)  # requires_grad as before estimation, FSDP2 too
+    # the estimation engine is gone once the plan is made (ZeRO-3: no hook or buffer of it left) ...
+    assert all(fact["engine_freed"] for fact in facts)
+    if engine == "fsdp2":  # ... and FSDP2 freed each unsharded weight as it sharded it (nothing of ours held one)
+        assert all(fact["unsharded_weights_freed"] for fact in facts)
 
     # a few training steps under the same engine: loss goes down, base weights stay
     for fact in facts:
         assert fact["losses"][-1] < fact["losses"][0] - 0.1, fact["losses"]
-        assert fact["base_unchanged"]  # (FSDP2: and copy_plan_into_adapters wrote the plan into the shards)
+        assert fact["base_unchanged"]
+    if engine != "zero3":  # replicated adapters (DDP; FSDP2's, outside its shards) stay equal on every rank
+        assert len({fact["adapter_checksum"] for fact in facts}) == 1, [fact["adapter_checksum"] for fact in facts]
 
 
 def test_nuclear_norm_importance_and_adaptive_steps_match_one_process(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..apply_utils import batch_loss, find_target_modules, model_device, to_device
-from ..gradients import gradients_only_for
+from ..gradients import gradients_only_for, target_weight_names
 from ..shards import FlatShard
 
 AddGrad = Callable[[str, torch.Tensor], None]
@@ -40,7 +40,7 @@ class LocalEngine:
         self.device = model_device(model)
         self._add: Optional[AddGrad] = None
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(gradients_only_for(model, {n: m.weight for n, m in self.targets.items()}))
+        self._stack.enter_context(gradients_only_for(model, target_weight_names(self.targets)))
         for name, module in self.targets.items():
             handle = module.weight.register_post_accumulate_grad_hook(self._hook(name))
             self._stack.callback(handle.remove)

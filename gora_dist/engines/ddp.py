@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..apply_utils import batch_loss, find_target_modules, model_device, to_device
-from ..gradients import gradients_only_for
+from ..gradients import gradients_only_for, target_weight_names
 from ..shards import FlatShard
 
 
@@ -25,7 +25,8 @@ class DDPEngine:
         self.targets = find_target_modules(model, target_modules)
         self.device = model_device(model)
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(gradients_only_for(model, {n: m.weight for n, m in self.targets.items()}))
+        self._stack.enter_context(gradients_only_for(model, target_weight_names(self.targets)))
+        ddp_kwargs.setdefault("gradient_as_bucket_view", True)  # the gradients live in DDP's buckets, not beside them
         if self.device is not None and self.device.type == "cuda" and "device_ids" not in ddp_kwargs:
             ddp_kwargs["device_ids"] = [self.device]
         self.wrapped = DistributedDataParallel(model, **ddp_kwargs)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.distributed as dist
 
 from ..apply_utils import batch_loss, find_target_modules, to_device, transformer_blocks
-from ..gradients import gradients_only_for
+from ..gradients import gradients_only_for, target_weight_names
 from ..shards import FlatShard
 
 
@@ -21,28 +21,36 @@ def default_shard_modules(model: nn.Module) -> list:
 
 
 class FSDP2Engine:
-    """Freezes everything but the target weights, then ``fully_shard``s each block and the root.
+    """Freezes everything but the target weights and, unless the model is already ``fully_shard``-ed
+    (loaded sharded: see ``gora_dist.launcher.sharded_models``), shards each block and the root.
 
-    mesh: a 1-D DeviceMesh (default: all ranks on this process's device type). shard_modules:
-    the modules to shard one by one before the root (default: the model's transformer blocks).
-    Other keyword arguments (``mp_policy``, ``reshard_after_forward``) go to ``fully_shard``.
-    The model stays sharded afterwards; train a freshly built model with the plan applied.
+    mesh: a 1-D DeviceMesh (default: the sharded model's, else all ranks on this process's device
+    type). shard_modules: the modules to shard one by one before the root (default: the model's
+    transformer blocks). Other keyword arguments (``mp_policy``, ``reshard_after_forward``) go to
+    ``fully_shard``. The model stays sharded afterwards: apply the plan to it and train it.
+    Nothing here holds an unsharded weight, so each is freed as ``fully_shard`` replaces it.
     """
 
     def __init__(self, model: nn.Module, target_modules, *, mesh=None,
                  shard_modules: Optional[Iterable[nn.Module]] = None, **fsdp_kwargs) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         self.model = model
         self.targets = find_target_modules(model, target_modules)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(gradients_only_for(model, {n: m.weight for n, m in self.targets.items()}))
-        self.mesh = mesh or init_device_mesh(self.device.type, (dist.get_world_size(),))
-        for module in (default_shard_modules(model) if shard_modules is None else shard_modules):
-            fully_shard(module, mesh=self.mesh, **fsdp_kwargs)
-        fully_shard(model, mesh=self.mesh, **fsdp_kwargs)
+        self._stack.enter_context(gradients_only_for(model, target_weight_names(self.targets)))
+        if isinstance(model, FSDPModule):
+            if shard_modules is not None or fsdp_kwargs:
+                raise ValueError("the model is already fully_shard-ed: shard_modules and fully_shard arguments "
+                                 "would be ignored; pass them when sharding it")
+            self.mesh = mesh or next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
+        else:
+            self.mesh = mesh or init_device_mesh(self.device.type, (dist.get_world_size(),))
+            for module in (default_shard_modules(model) if shard_modules is None else shard_modules):
+                fully_shard(module, mesh=self.mesh, **fsdp_kwargs)
+            fully_shard(model, mesh=self.mesh, **fsdp_kwargs)
         self._shards = {name: self._row_shard(name, module.weight) for name, module in self.targets.items()}
 
     def _row_shard(self, name: str, weight) -> FlatShard:

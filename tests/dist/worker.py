@@ -13,9 +13,11 @@ timeout of GoRA's collectives and of the process group (seconds, default 60); GO
 object, overrides fields of CONFIG.
 """
 
+import gc
 import json
 import os
 import signal
+import weakref
 import sys
 from datetime import timedelta
 
@@ -27,7 +29,8 @@ from conftest import lm_batches, tiny_llama  # noqa: E402
 
 import gora_dist.plan  # noqa: E402
 from gora_dist import GoRAConfig, gora_modules, save_plan  # noqa: E402
-from gora_dist.distributed import apply_plan, copy_plan_into_adapters, estimate_plan  # noqa: E402
+import gora_dist.distributed  # noqa: E402
+from gora_dist.distributed import apply_plan, estimate_plan  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 GLOBAL_BATCH, GRAD_STEPS = 4, 3
@@ -87,17 +90,29 @@ def main():
             os._exit(0)
         return output.loss
 
+    engines, make_engine = [], gora_dist.distributed.make_engine
+
+    def recorded_make_engine(*args, **kwargs):
+        made = make_engine(*args, **kwargs)
+        engines.append(weakref.ref(made))
+        return made
+
+    gora_dist.distributed.make_engine = recorded_make_engine
+    unsharded = [weakref.ref(model.get_submodule(name).weight) for name, _ in gora_dist.find_target_modules(model, TARGETS).items()]
     plan = estimate_plan(model, rank_batches(rank, world, mode), CONFIG, engine=engine, timeout_s=timeout_s,
                          loss_fn=loss_fn, **kwargs)
+    gc.collect()
 
     facts = {"rank": rank, "world": world, "rank_map": plan.rank_map,
              "flags_restored": all(p.requires_grad for p in model.parameters()), "held_elements": plan.report.accumulator_elements,
              "target_elements": sum(l.shape[0] * l.shape[1] for l in plan.report.layers.values()),
-             "bytes": plan.report.timings["bytes_communicated"]}
+             "bytes": plan.report.timings["bytes_communicated"],
+             "engine_freed": len(engines) == 1 and engines[0]() is None,
+             "unsharded_weights_freed": all(ref() is None for ref in unsharded)}
     if rank == 0:
         save_plan(plan, os.path.join(out_dir, "plan"), model)
 
-    facts["losses"], facts["base_unchanged"] = train(engine, model, plan, rank, world)
+    facts["losses"], facts["base_unchanged"], facts["adapter_checksum"] = train(engine, model, plan, rank, world)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(facts, handle)
     dist.barrier()
@@ -134,25 +149,10 @@ def train(engine, model, plan, rank, world, steps=5):
             unchanged = all(torch.equal(p.detach(), reference.get_parameter(n.replace(".base.", ".")))
                             for n, p in zip(names, params) if ".lora_" not in n)
         runner.destroy()
-        return losses, unchanged
+        return losses, unchanged, None
 
     if engine == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        model = tiny_llama(intermediate_size=75)  # FSDP2: the training model is built afresh
-        apply_plan(model, plan)
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        # the meta-device flow's last step: write the plan into already-sharded adapters
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".lora_" in name:
-                    p.to_local().zero_()
-        copy_plan_into_adapters(model, plan)
-        written = {n: p.full_tensor() for n, p in model.named_parameters() if ".lora_" in n}
-        copied = all(torch.equal(written[f"{m}.lora_A"], plan.lora_a[m]) and torch.equal(written[f"{m}.lora_B"], plan.lora_b[m])
-                     for m in plan.lora_a)
+        apply_plan(model, plan)  # the same, still sharded, model: the adapters are replicated on every rank
         runner = model
     else:  # ddp
         from torch.nn.parallel import DistributedDataParallel
@@ -170,7 +170,8 @@ def train(engine, model, plan, rank, world, steps=5):
     state = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
     unchanged = all(torch.equal(p.detach(), reference.get_parameter(n.replace(".base.", ".")))
                     for n, p in state.items() if ".lora_" not in n)
-    return losses, unchanged and (engine != "fsdp2" or copied)
+    checksum = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if ".lora_" in n)
+    return losses, unchanged, checksum
 
 
 if __name__ == "__main__":
