@@ -266,9 +266,10 @@ def install_adapters(
     saved_params = {}
     if saved_state:
         params = dict(model.named_parameters())
+        shapes = {key: tuple(getattr(param, "ds_shape", param.shape)) for key, param in params.items()}  # ZeRO-3: full shape
         for key, value in saved_state.items():
-            if key not in params or tuple(params[key].shape) != tuple(value.shape):
-                have = tuple(params[key].shape) if key in params else "nothing"
+            if key not in params or shapes[key] != tuple(value.shape):
+                have = shapes[key] if key in params else "nothing"
                 raise ValueError(f"saved module weight {key} {tuple(value.shape)} does not fit this model ({have})")
             saved_params[key] = (params[key], value)
     adapters = {}

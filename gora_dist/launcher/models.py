@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .tokenizer import ByteTokenizer, model_source
+from .tokenizer import TINY_MODELS, ByteTokenizer, model_source
 
 
 def _tiny_model(spec: str, head: dict, max_length: int) -> nn.Module:
@@ -31,16 +31,25 @@ def _tiny_model(spec: str, head: dict, max_length: int) -> nn.Module:
     return model
 
 
+def _dtype_and_head(precision: str, labels: Sequence[str]):
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+    return dtype, head
+
+
+def _check_tiny(spec: str, task: str) -> None:
+    if (spec == "tiny-bert") != (task == "seq-cls"):
+        raise ValueError(f"model={spec!r} with task={task!r}: tiny-bert is a sequence classifier (seq-cls), "
+                         "tiny-llama a causal LM (causal-lm, sft)")
+
+
 def load_model(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("negative", "positive"),
                precision: str = "fp32", max_length: int = 64) -> nn.Module:
     """The model in eval mode: a causal LM (tasks causal-lm, sft) or a sequence classifier with a new
     head of ``labels`` (seq-cls). Seed the global RNG first: a new head is random."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
-    if spec in ("tiny-llama", "tiny-bert"):
-        if (spec == "tiny-bert") != (task == "seq-cls"):
-            raise ValueError(f"model={spec!r} with task={task!r}: tiny-bert is a sequence classifier (seq-cls), "
-                             "tiny-llama a causal LM (causal-lm, sft)")
+    dtype, head = _dtype_and_head(precision, labels)
+    if spec in TINY_MODELS:
+        _check_tiny(spec, task)
         model = _tiny_model(spec, head, max_length).to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -53,4 +62,27 @@ def load_model(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer = None  # GGUF weights are dequantised on load; nothing stays quantised
     model.config._name_or_path = spec
+    return model.eval()
+
+
+def model_skeleton(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("negative", "positive"),
+                   precision: str = "fp32", max_length: int = 64) -> nn.Module:
+    """The architecture ``load_model`` would return, its parameters on the meta device (no memory)
+    and its buffers real (rotary frequencies and the like are computed, not loaded)."""
+    from accelerate import init_empty_weights
+
+    dtype, head = _dtype_and_head(precision, labels)
+    with init_empty_weights(include_buffers=False):
+        if spec in TINY_MODELS:
+            _check_tiny(spec, task)
+            model = _tiny_model(spec, head, max_length).to(dtype)
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+            folder, extra = model_source(spec)
+            if task == "seq-cls":
+                config = AutoConfig.from_pretrained(folder, **head, **extra)
+                model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **extra), dtype=dtype)
     return model.eval()

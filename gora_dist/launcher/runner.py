@@ -27,7 +27,7 @@ from .models import load_model
 from .targets import resolve_targets
 from .tasks import Task, build_task
 from .tasks.base import all_sum, to_device
-from .tokenizer import load_tokenizer
+from .tokenizer import TINY_MODELS, load_tokenizer
 
 ESTIMATION_ENGINE = {"local": "local", "ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3", "zero2": "ddp"}
 
@@ -160,10 +160,41 @@ def _labels(task: Task) -> tuple:
     return tuple(getattr(task, "label_names", ("negative", "positive")))
 
 
-def _load(config: TrainConfig, task: Task):
+def _fsdp2_policy(config: TrainConfig):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if config.precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _shard_fsdp2(model, config: TrainConfig) -> None:
+    """fully_shard each transformer block, then the root (estimation and training share this model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..engines.fsdp2 import default_shard_modules
+
+    policy = _fsdp2_policy(config)
+    for block in default_shard_modules(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def _load(config: TrainConfig, task: Task, setup: Setup):
+    """The model as the engine holds it, loaded once for estimation and training: FSDP2-sharded (each
+    rank its own shards), ZeRO-3-partitioned while loading (transformers' zero.Init path, kept on by
+    the caller's ``keep_zero3_loading``), or whole on this rank's device."""
     torch.manual_seed(config.seed)  # a new classification head starts the same on every rank
-    return load_model(config.model, task=config.task, labels=_labels(task), precision=config.precision,
-                      max_length=config.max_length)
+    options = dict(task=config.task, labels=_labels(task), precision=config.precision, max_length=config.max_length)
+    if setup.engine == "fsdp2":
+        from .sharded_models import load_fsdp2
+
+        say = print if setup.main else (lambda *a, **k: None)
+        return load_fsdp2(config.model, lambda model: _shard_fsdp2(model, config), setup.device, say=say, **options)
+    model = load_model(config.model, **options)
+    if setup.engine in ("local", "ddp", "zero2"):
+        model.to(setup.device)
+    return model
 
 
 def _resolve_targets(config: TrainConfig, model) -> None:
@@ -194,16 +225,19 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
     for line in task.summary():
         say(line)
 
-    model = _load(config, task)
-    _resolve_targets(config, model)
-    if setup.engine in ("local", "ddp", "zero2"):
-        model.to(setup.device)
     train = task.train
     micro = config.micro_batch_size or config.global_batch_size // setup.world
     if micro < 1 or config.global_batch_size % (micro * setup.world):
         raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of micro_batch_size={micro} "
                          f"x world size {setup.world}")
     accumulation = config.global_batch_size // (micro * setup.world)
+    zero3_loading = None
+    if setup.engine == "zero3" and config.model not in TINY_MODELS:  # the random test models are built, not loaded
+        from .sharded_models import keep_zero3_loading
+
+        zero3_loading = keep_zero3_loading(deepspeed_config(config, 3, micro, accumulation, setup.world))  # noqa: F841 (lives for the run)
+    model = _load(config, task, setup)
+    _resolve_targets(config, model)
     gora = config.gora_config()
     if gora.adaptive_grad_steps and accumulation > 1:
         raise ValueError(f"gora.adaptive_grad_steps counts backward passes; with {accumulation} micro-batches per global "
@@ -253,7 +287,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
             say(f"init-only: initial adapter in {os.path.join(out, 'init')}")
             return metrics
 
-    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage, fresh_base=config.resume, task=task)
+    trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage)
     samples_before: List[dict] = []
     samples_base: List[dict] = []
     try:
@@ -331,26 +365,14 @@ def _checkpoint(trainer, plan, config: TrainConfig, setup: Setup, step: int) -> 
 
 
 def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: int, accumulation: int,
-              ds_stage: Optional[int], fresh_base: bool, task: Task):
-    """Put the plan's adapters into a model wrapped for training by the engine."""
+              ds_stage: Optional[int]):
+    """Put the plan's adapters into the model as loaded (still sharded by FSDP2 or partitioned by
+    ZeRO-3 after estimation) and wrap it for training by the engine."""
     from .training import DeepSpeedTraining, TorchTraining
 
-    if setup.engine == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        from ..engines.fsdp2 import default_shard_modules
-
-        if not fresh_base:  # the estimation model stays sharded: build the training model afresh
-            model = _load(config, task)
-        apply_plan(model, plan)
-        model.to(setup.device)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if config.precision == "bf16" else MixedPrecisionPolicy()
-        for block in default_shard_modules(model):
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1)
     apply_plan(model, plan)
+    if setup.engine == "fsdp2":  # already sharded; the adapters are replicated (see gora_dist.replicated)
+        return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1)
     if ds_stage is not None:
         return DeepSpeedTraining(model, config, deepspeed_config(config, ds_stage, micro, accumulation, setup.world),
                                  synced_generation=ds_stage == 3 and setup.world > 1)
