@@ -232,14 +232,16 @@ def sft_logits(adapter_dir, model_folder, use_peft):
 
 @pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
 def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process, tmp_path, launcher, engine):
-    """World 2 (FSDP2; ZeRO-3 with synced generation) against one process on the same global batches.
+    """World 2 (FSDP2; ZeRO-3 with synced generation), both with activation checkpointing, against one
+    process without it on the same global batches.
     Evaluation of the same model (GoRA's init, before training): the same greedy generations and exact
     match, the response NLL equal to float32 summation order. After training: under FSDP2 the NLL to
     1e-3; under ZeRO-3 the NLL falls as far, but DeepSpeed's training steps are not torch's AdamW to
     the bit (docs/distributed.md), so it is not compared. PEFT reads the adapter as we do."""
     if launcher == "deepspeed":
         pytest.importorskip("deepspeed")
-    result = launch(launcher, 2, sft_arguments(sft_data, tmp_path, "--engine", engine, "--checkpoint-every", "10"))
+    result = launch(launcher, 2, sft_arguments(sft_data, tmp_path, "--engine", engine, "--checkpoint-every", "10",
+                                               "--gradient-checkpointing"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     one = json.loads((sft_one_process / "metrics.json").read_text())
     two = json.loads((tmp_path / "metrics.json").read_text())

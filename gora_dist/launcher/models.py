@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -86,3 +87,26 @@ def model_skeleton(spec: str, *, task: str = "causal-lm", labels: Sequence[str] 
             else:
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **extra), dtype=dtype)
     return model.eval()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (it works with frozen inputs and with
+    parameters that FSDP2 or ZeRO-3 gather inside the recomputed forward)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it in transformers")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def checkpointing_in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """transformers recomputes a block only in training mode, but GoRA's gradient steps run in eval
+    mode (no dropout): mark just the checkpointed blocks as training, their submodules stay in eval."""
+    blocks = [module for module in model.modules() if getattr(module, "gradient_checkpointing", False)]
+    saved = [block.training for block in blocks]
+    for block in blocks:
+        block.training = True
+    try:
+        yield
+    finally:
+        for block, training in zip(blocks, saved):
+            block.training = training

@@ -23,7 +23,7 @@ from ..report import GoRAReport
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig, load_config
 from .data import global_batch_indices, rank_micro_batches
-from .models import load_model
+from .models import checkpointing_in_eval_mode, enable_gradient_checkpointing, load_model
 from .targets import resolve_targets
 from .tasks import Task, build_task
 from .tasks.base import all_sum, to_device
@@ -238,6 +238,8 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         zero3_loading = keep_zero3_loading(deepspeed_config(config, 3, micro, accumulation, setup.world))  # noqa: F841 (lives for the run)
     model = _load(config, task, setup)
     _resolve_targets(config, model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     gora = config.gora_config()
     if gora.adaptive_grad_steps and accumulation > 1:
         raise ValueError(f"gora.adaptive_grad_steps counts backward passes; with {accumulation} micro-batches per global "
@@ -271,8 +273,9 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         estimation = dataclasses.replace(gora, grad_steps=gora.grad_steps * accumulation)
         batches = _estimation_batches(task, config, setup, micro, setup.main)
         extra = {"ds_config": deepspeed_config(config, 3, micro, 1, setup.world)} if ESTIMATION_ENGINE[setup.engine] == "zero3" else {}
-        plan = estimate_plan(model, batches, estimation, engine=ESTIMATION_ENGINE[setup.engine],
-                             timeout_s=config.timeout_s, **extra)
+        with checkpointing_in_eval_mode(model):
+            plan = estimate_plan(model, batches, estimation, engine=ESTIMATION_ENGINE[setup.engine],
+                                 timeout_s=config.timeout_s, **extra)
         plan.report.config = gora
         plan.report.notes.append(f"{plan.report.grad_steps} backward passes = {gora.grad_steps} global batches "
                                  f"of {config.global_batch_size} ({accumulation} micro-batches of {micro} per rank)")
