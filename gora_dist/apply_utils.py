@@ -79,3 +79,18 @@ def transformer_blocks(model: nn.Module) -> Dict[str, nn.Module]:
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     return {name: m for name, m in model.named_modules()
             if name and any(cls.__name__ in block_classes for cls in type(m).__mro__)}
+
+
+def free_memory_bytes(device: Optional[torch.device]) -> int:
+    """Memory that can still be allocated: free memory of a CUDA device, else the system's
+    MemAvailable (Linux), else unlimited."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62

@@ -38,6 +38,8 @@ def gora_collective_bytes(
         matrices = 1 if importance == "grad_nuclear" else 2
         importance_round += sum(out * inp for out, inp in shapes.values()) * FLOAT32 * matrices + layers * FLOAT64
     total = agree                                            # target layers and config
+    if importance != "mean_abs_wg":
+        total += flag_check                                  # does one layer's matrix fit on every rank?
     total += steps * 3 * flag_check                          # batch, loss and gradient checks per step
     total += (steps if adaptive_steps else 1) * importance_round
     if gelora_points is not None:                            # point counts, then every rank's points

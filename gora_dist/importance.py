@@ -7,7 +7,7 @@ weight can be scored separately and summed later (the distributed path relies on
 
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,31 @@ def abs_wg_partial_sum(weight: torch.Tensor, grad: torch.Tensor) -> Tuple[float,
 def nuclear_norm(matrix: torch.Tensor) -> float:
     """‖M‖_*: sum of singular values, computed in float64 (for the ablation metrics)."""
     return float(torch.linalg.svdvals(matrix.to(torch.float64)).sum())
+
+
+def nuclear_norm_bytes(metric: str, rows: int, cols: int) -> int:
+    """Bytes one rank needs at once to score a (rows, cols) layer by a nuclear norm: the whole
+    float32 gradient (and weight, for W⊙Ḡ) gathered, their product, and the SVD's float64 copy and
+    workspace (about rows·cols + min(rows, cols)² values)."""
+    elements = rows * cols
+    gathered = elements * 4 * (1 if metric == "grad_nuclear" else 3)
+    return gathered + 8 * (elements + min(rows, cols) ** 2)
+
+
+def nuclear_norm_refusal(metric: str, shapes: Mapping[str, Tuple[int, int]], available_bytes: int) -> Optional[str]:
+    """Why the nuclear-norm ``metric`` cannot run on a rank with ``available_bytes`` free, or None.
+    These metrics need a whole layer's matrix in one place by definition; the paper's avg(|W⊙Ḡ|) is
+    computed on shards and has no such limit."""
+    if metric == "mean_abs_wg" or not shapes:
+        return None
+    name, (rows, cols) = max(shapes.items(), key=lambda item: item[1][0] * item[1][1])
+    need = nuclear_norm_bytes(metric, rows, cols)
+    if need <= available_bytes:
+        return None
+    what = "gradient" if metric == "grad_nuclear" else "gradient and weight"
+    return (f"importance={metric}: the nuclear norm needs layer {name}'s whole {rows}x{cols} {what} on one rank, "
+            f"about {need / 2**30:.2f} GiB with the SVD, and {available_bytes / 2**30:.2f} GiB is free here; "
+            "use importance=mean_abs_wg (the paper's metric, computed on each rank's shard)")
 
 
 def layer_importance(metric: str, weight: torch.Tensor, grad: torch.Tensor) -> float:

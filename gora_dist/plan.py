@@ -30,9 +30,9 @@ from .allocation import allocate_ranks, lora_param_count, lora_reference_count, 
 from .collectives import Collective, GoRADistributedError
 from .config import GoRAConfig
 from .gradients import ShardedAccumulator
-from .importance import abs_wg_partial_sum, nuclear_norm, normalize_importance, relative_change
+from .importance import abs_wg_partial_sum, normalize_importance, nuclear_norm, nuclear_norm_refusal, relative_change
 from .initialization import b0_scale, gram_cholesky, kaiming_uniform_a, projected_energy, residual_ratio, rslora_scaling, solve_b0
-from .apply_utils import transformer_blocks
+from .apply_utils import free_memory_bytes, transformer_blocks
 from .gather import full_parameters, under, write_full
 from .replicated import AveragedReplicas
 from .gelora import HiddenStateSampler, block_ranks, gelora_rank_map, level_dimensions
@@ -247,6 +247,9 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     shapes = {name: (engine.shard(name).rows, engine.shard(name).cols) for name in names}
     collective.agree([[name, list(shape)] for name, shape in shapes.items()] + [config.to_dict()],
                      "target layers and config")
+    if config.importance != "mean_abs_wg":
+        collective.check(nuclear_norm_refusal(config.importance, shapes, free_memory_bytes(engine.device)),
+                         "importance metric")
     if config.adaptive_gamma and collective.active:
         raise ValueError("adaptive_gamma runs on one process only for now; set gamma explicitly for sharded runs")
 

@@ -7,6 +7,7 @@ import torch
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig
 from gora_dist.distributed import estimate_plan
+from gora_dist.importance import nuclear_norm_bytes, nuclear_norm_refusal
 from gora_dist.launcher.models import checkpointing_in_eval_mode, enable_gradient_checkpointing
 
 CONFIG = GoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], grad_steps=3, rank_min=2, rank_ref=4, rank_max=8)
@@ -51,3 +52,33 @@ def test_without_the_eval_mode_switch_transformers_would_not_checkpoint_estimati
 def test_a_model_without_checkpointing_support_is_named():
     with pytest.raises(ValueError, match="gradient_checkpointing: Linear does not support it"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_nuclear_norm_refusal_names_the_metric_the_layer_and_the_sizes():
+    llama70b_mlp = {"layers.0.mlp.up_proj": (28672, 8192), "layers.0.self_attn.k_proj": (1024, 8192)}
+    message = nuclear_norm_refusal("wg_nuclear", llama70b_mlp, available_bytes=2 * 2**30)
+    assert "importance=wg_nuclear" in message and "layers.0.mlp.up_proj's whole 28672x8192 gradient and weight" in message
+    assert "importance=mean_abs_wg" in message
+    assert nuclear_norm_refusal("mean_abs_wg", llama70b_mlp, available_bytes=0) is None  # sharded: no limit
+    # the need is what one rank holds at once: 1 or 3 float32 matrices, and the SVD's float64 copy and workspace
+    assert nuclear_norm_bytes("grad_nuclear", 100, 40) == 100 * 40 * 4 + 8 * (100 * 40 + 40 * 40)
+    fits = nuclear_norm_bytes("wg_nuclear", 28672, 8192)
+    assert nuclear_norm_refusal("wg_nuclear", llama70b_mlp, available_bytes=fits) is None
+    assert nuclear_norm_refusal("wg_nuclear", llama70b_mlp, available_bytes=fits - 1) is not None
+
+
+def test_estimation_with_a_nuclear_norm_that_cannot_fit_stops_before_any_gradient_step(monkeypatch):
+    import gora_dist.plan
+
+    monkeypatch.setattr(gora_dist.plan, "free_memory_bytes", lambda device: 1000)
+    config = GoRAConfig(**{**CONFIG.to_dict(), "importance": "grad_nuclear"})
+    calls = []
+
+    def counted_batches():
+        for batch in lm_batches(3):
+            calls.append(1)
+            yield batch
+
+    with pytest.raises(ValueError, match=r"importance=grad_nuclear: the nuclear norm needs layer model\.layers\.\d\.mlp\.down_proj"):
+        estimate_plan(tiny_llama(), counted_batches(), config, engine="local")
+    assert not calls
