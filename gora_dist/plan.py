@@ -37,6 +37,7 @@ from .gather import full_parameters, under, write_full
 from .replicated import AveragedReplicas
 from .gelora import HiddenStateSampler, block_ranks, gelora_rank_map, level_dimensions
 from .layers import GoRALinear, install_adapters, saved_modules
+from .memory_trace import phase
 from .report import GoRAReport, LayerReport
 from .shards import FlatShard, add_shard_product
 
@@ -273,6 +274,7 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         if sampler is not None:
             sampler.close()
     gradient_seconds = time.perf_counter() - start
+    phase("init")
 
     notes = []
     for name, value in importance.items():

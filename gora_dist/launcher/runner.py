@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..adapter_io import save_plan
 from ..layers import adapters_disabled
+from ..memory_trace import phase, write_now as write_memory_trace
 from ..plan import GoRAPlan, apply_plan
 from ..report import GoRAReport
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
@@ -236,6 +237,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         from .sharded_models import keep_zero3_loading
 
         zero3_loading = keep_zero3_loading(deepspeed_config(config, 3, micro, accumulation, setup.world))  # noqa: F841 (lives for the run)
+    phase("load")
     model = _load(config, task, setup)
     _resolve_targets(config, model)
     if config.gradient_checkpointing:
@@ -273,6 +275,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         estimation = dataclasses.replace(gora, grad_steps=gora.grad_steps * accumulation)
         batches = _estimation_batches(task, config, setup, micro, setup.main)
         extra = {"ds_config": deepspeed_config(config, 3, micro, 1, setup.world)} if ESTIMATION_ENGINE[setup.engine] == "zero3" else {}
+        phase("gradient steps")  # build_plan enters "init" after them
         with checkpointing_in_eval_mode(model):
             plan = estimate_plan(model, batches, estimation, engine=ESTIMATION_ENGINE[setup.engine],
                                  timeout_s=config.timeout_s, **extra)
@@ -290,12 +293,14 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
             say(f"init-only: initial adapter in {os.path.join(out, 'init')}")
             return metrics
 
+    phase("training setup")
     trainer = _training(model, plan, config, setup, micro, accumulation, ds_stage)
     samples_before: List[dict] = []
     samples_base: List[dict] = []
     try:
         if optimizer_tensors is not None:
             trainer.load_optimizer_state(optimizer_tensors, start_step)
+        phase("evaluation")
         if start_step == 0 and config.eval_base:
             with adapters_disabled(trainer.model):
                 scores, samples_base = evaluate(trainer, task, setup, eval_batch)
@@ -311,6 +316,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         losses = []
         bar = _progress(range(start_step, config.steps), setup.main, desc="training", unit="step")
         for step in bar:
+            phase("training")
             trainer.train_mode(True)  # dropout on (evaluate switches it off)
             # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
             torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
@@ -325,10 +331,13 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 say(f"step {done}: " + _scores(evaluate(trainer, task, setup, eval_batch)[0]))
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                phase("checkpoint")
                 _checkpoint(trainer, plan, config, setup, done)
         metrics["losses"] = losses
+        phase("evaluation")
         scores, samples_after = evaluate(trainer, task, setup, eval_batch)
         metrics.update({f"{name}_after": value for name, value in scores.items()})
+        phase("final adapter")
         final = _current_plan(trainer, plan)
         if setup.main:
             save_plan(final, os.path.join(out, "adapter"), model)
@@ -405,6 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(config, setup, task)
     finally:
+        write_memory_trace()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
