@@ -4,7 +4,8 @@ sharded (every rank calls it; every rank gets, or gives, full tensors)."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import math
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,3 +53,23 @@ def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
             param.copy_(value)
     else:
         param.copy_(value)
+
+
+def gather_partitions(parts: List[Tuple[str, torch.Tensor, Sequence[int]]], rank: int, world: int) -> Dict[str, torch.Tensor]:
+    """Full float32 CPU tensors on rank 0 only, from every rank's flat partition of each (equal length
+    on every rank, the last one padded, as ZeRO-3 partitions are), in one ``gather``; {} elsewhere.
+    parts: (name, this rank's partition, full shape), in the same order on every rank."""
+    import torch.distributed as dist
+
+    flat = torch.cat([local.reshape(-1).float() for _, local, _ in parts]) if parts else torch.zeros(0)
+    bucket = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
+    dist.gather(flat, bucket, dst=0)
+    if rank != 0:
+        return {}
+    stacked = torch.stack(bucket).cpu()  # (world, all partitions)
+    full, offset = {}, 0
+    for name, local, shape in parts:
+        count = local.numel()
+        full[name] = stacked[:, offset:offset + count].reshape(-1)[:math.prod(shape)].view(*shape).clone()
+        offset += count
+    return full

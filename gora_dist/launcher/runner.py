@@ -384,7 +384,7 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
 
     apply_plan(model, plan)
     if setup.engine == "fsdp2":  # already sharded; the adapters are replicated (see gora_dist.replicated)
-        return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1)
+        return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1, main=setup.main)
     if ds_stage is not None:
         return DeepSpeedTraining(model, config, deepspeed_config(config, ds_stage, micro, accumulation, setup.world),
                                  synced_generation=ds_stage == 3 and setup.world > 1)
@@ -392,7 +392,7 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model, device_ids=[setup.device] if setup.device.type == "cuda" else None)
-        return TorchTraining(model, runner, config, setup.device)
+        return TorchTraining(model, runner, config, setup.device, main=setup.main)
     return TorchTraining(model, model, config, setup.device)
 
 

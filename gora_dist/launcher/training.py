@@ -1,7 +1,8 @@
 """Training the adapters under each engine, behind one small interface used by the launcher:
 ``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``, ``generate(inputs)``,
 ``full_trainable()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
-The "full_*" methods are collectives: every rank calls them, and every rank gets full tensors.
+The "full_*" methods are collectives: every rank calls them, and only rank 0 (which writes the files)
+gets the full tensors; the others get {} and hold no copy.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ..gather import full_copy
+from ..gather import full_copy, gather_partitions
 from .config import TrainConfig
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -69,8 +70,8 @@ class TorchTraining:
     """One process, DDP or FSDP2: a torch optimizer over the (possibly DTensor) adapter parameters."""
 
     def __init__(self, model: nn.Module, runner: nn.Module, config: TrainConfig, device: torch.device,
-                 synced_generation: bool = False) -> None:
-        self.model, self.runner, self.device = model, runner, device
+                 synced_generation: bool = False, main: bool = True) -> None:
+        self.model, self.runner, self.device, self.main = model, runner, device, main
         self.synced_generation = synced_generation
         self.named = trainable_parameters(model)
         self.optimizer, self.scheduler = make_optimizer(self.named, config)
@@ -95,17 +96,26 @@ class TorchTraining:
     def generate(self, inputs: dict, **options) -> torch.Tensor:
         return greedy_generate(self.model, inputs, self.synced_generation, **options)  # DDP: its module alone
 
+    def _to_main(self, tensors) -> Dict[str, torch.Tensor]:
+        """Full copies on rank 0: FSDP2-sharded tensors (DTensors) by a collective every rank joins,
+        replicated ones (the adapters) copied by rank 0 alone."""
+        full = {}
+        for name, tensor in tensors:
+            if hasattr(tensor, "full_tensor") or self.main:
+                copy = full_copy(tensor)
+                if self.main:
+                    full[name] = copy
+        return full
+
     def full_trainable(self) -> Dict[str, torch.Tensor]:
-        return {name: full_copy(p) for name, p in self.named}
+        return self._to_main(self.named)
 
     def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
-        state = {}
+        moments = []
         for name, param in self.named:
             entry = self.optimizer.state.get(param, {})
-            for key in MOMENTS:
-                if key in entry:
-                    state[f"{name}/{key}"] = full_copy(entry[key])
-        return state
+            moments += [(f"{name}/{key}", entry[key]) for key in MOMENTS if key in entry]
+        return self._to_main(moments)
 
     def load_optimizer_state(self, tensors: Dict[str, torch.Tensor], step: int) -> None:
         for name, param in self.named:
@@ -127,8 +137,9 @@ class TorchTraining:
 
 
 class DeepSpeedTraining:
-    """ZeRO-2/3: deepspeed.initialize over the adapters; full tensors through DeepSpeed's own
-    ``safe_get_full_*`` / ``safe_set_full_optimizer_state`` (collectives under ZeRO-3)."""
+    """ZeRO-2/3: deepspeed.initialize over the adapters; full tensors on rank 0 from the ZeRO-3
+    partitions gathered to rank 0 in one collective (``safe_get_local_*``), DeepSpeed's
+    ``safe_get_full_*`` under ZeRO-2, and ``safe_set_full_optimizer_state`` to resume."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, ds_config: dict, synced_generation: bool = False) -> None:
         import deepspeed
@@ -159,21 +170,33 @@ class DeepSpeedTraining:
     def generate(self, inputs: dict, **options) -> torch.Tensor:
         return greedy_generate(self.engine.module, inputs, self.synced_generation, **options)
 
-    def full_trainable(self) -> Dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
+    @property
+    def _partitioned(self) -> bool:
+        return any(hasattr(p, "ds_id") for _, p in self.named)
 
-        return {name: safe_get_full_fp32_param(p).detach().to("cpu", torch.float32) for name, p in self.named}
+    def full_trainable(self) -> Dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+        if self._partitioned:  # ZeRO-3: every rank's fp32 partitions, gathered to rank 0 in one collective
+            parts = [(name, safe_get_local_fp32_param(p), tuple(p.ds_shape)) for name, p in self.named]
+            return gather_partitions(parts, self.engine.global_rank, self.engine.world_size)
+        full = {name: safe_get_full_fp32_param(p).detach().to("cpu", torch.float32) for name, p in self.named}
+        return full if self.engine.global_rank == 0 else {}
 
     def full_optimizer_state(self) -> Dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_get_local_optimizer_state
 
+        if self._partitioned:
+            parts = [(f"{name}/{key}", safe_get_local_optimizer_state(p, key), tuple(p.ds_shape))
+                     for name, p in self.named for key in MOMENTS]
+            return gather_partitions(parts, self.engine.global_rank, self.engine.world_size)
         state = {}
         for name, param in self.named:
             for key in MOMENTS:
                 value = safe_get_full_optimizer_state(param, key)
                 if value is not None:
                     state[f"{name}/{key}"] = value.detach().to("cpu", torch.float32)
-        return state
+        return state if self.engine.global_rank == 0 else {}
 
     def load_optimizer_state(self, tensors: Dict[str, torch.Tensor], step: int) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
