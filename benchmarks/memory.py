@@ -37,6 +37,11 @@ GIB = 2**30
 # ~0.54 B parameters: 12 blocks of 45 M (hidden 2048, MLP 5632, GQA 16/4 heads), a character vocabulary
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4)
 QUICK = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+# DeepSpeed keeps up to stage3_max_live_parameters (default 1e9) gathered and prefetches within
+# stage3_max_reuse_distance (1e9): the whole of this model. At 70B a block has 0.86 B parameters, so
+# the defaults are about one block there; here they are set to about one block of this model.
+ZERO3_LIMITS = {"zero_optimization": {"stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7,
+                                      "stage3_prefetch_bucket_size": 5e7}}
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -87,6 +92,10 @@ def launch(engine: str, world: int, model: str, data: str, out: str, trace: str,
                  "--eval-examples", str(2 * world), "--max-new-tokens", "2", "--show-generations", "0",
                  "--gora.grad_steps", "2", "--precision", "fp32"]
     if engine == "zero3":
+        ds_config = os.path.join(os.path.dirname(out), "ds_config.json")
+        with open(ds_config, "w") as handle:
+            json.dump(ZERO3_LIMITS, handle)
+        arguments += ["--ds-config", ds_config]
         command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(_port()), train]
     else:
         command = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", str(world), train,

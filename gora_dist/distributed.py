@@ -2,10 +2,10 @@
 wrapping the model for training.
 
     plan = estimate_plan(model, my_rank_batches, config, engine="zero3", ds_config=ds_config)
-    apply_plan(model, plan)                       # ZeRO-3: same (still partitioned) model
+    apply_plan(model, plan)                       # the same, still partitioned (or FSDP2-sharded) model
     engine, *_ = deepspeed.initialize(model=model, optimizer=AdamW(adapter params), config=ds_config)
 
-See docs/distributed.md for the flow per engine (FSDP2 trains a freshly built model).
+See docs/distributed.md for the flow per engine.
 """
 
 from __future__ import annotations

@@ -181,10 +181,10 @@ def _shard_fsdp2(model, config: TrainConfig) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def _load(config: TrainConfig, task: Task, setup: Setup):
+def _load(config: TrainConfig, task: Task, setup: Setup, zero3_config: Optional[dict] = None):
     """The model as the engine holds it, loaded once for estimation and training: FSDP2-sharded (each
-    rank its own shards), ZeRO-3-partitioned while loading (transformers' zero.Init path, kept on by
-    the caller's ``keep_zero3_loading``), or whole on this rank's device."""
+    rank its own shards), ZeRO-3-partitioned while loading (``sharded_models.load_zero3``, with the
+    caller's ``keep_zero3_loading`` alive), or whole on this rank's device."""
     torch.manual_seed(config.seed)  # a new classification head starts the same on every rank
     options = dict(task=config.task, labels=_labels(task), precision=config.precision, max_length=config.max_length)
     if setup.engine == "fsdp2":
@@ -192,6 +192,11 @@ def _load(config: TrainConfig, task: Task, setup: Setup):
 
         say = print if setup.main else (lambda *a, **k: None)
         return load_fsdp2(config.model, lambda model: _shard_fsdp2(model, config), setup.device, say=say, **options)
+    if setup.engine == "zero3":
+        from .sharded_models import load_zero3
+
+        say = print if setup.main else (lambda *a, **k: None)
+        return load_zero3(config.model, zero3_config, say=say, **options)
     model = load_model(config.model, **options)
     if setup.engine in ("local", "ddp", "zero2"):
         model.to(setup.device)
@@ -232,13 +237,14 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of micro_batch_size={micro} "
                          f"x world size {setup.world}")
     accumulation = config.global_batch_size // (micro * setup.world)
-    zero3_loading = None
+    zero3_loading = zero3_config = None
     if setup.engine == "zero3" and config.model not in TINY_MODELS:  # the random test models are built, not loaded
         from .sharded_models import keep_zero3_loading
 
-        zero3_loading = keep_zero3_loading(deepspeed_config(config, 3, micro, accumulation, setup.world))  # noqa: F841 (lives for the run)
+        zero3_config = deepspeed_config(config, 3, micro, accumulation, setup.world)
+        zero3_loading = keep_zero3_loading(zero3_config)  # noqa: F841 (lives for the run)
     phase("load")
-    model = _load(config, task, setup)
+    model = _load(config, task, setup, zero3_config)
     _resolve_targets(config, model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -1,8 +1,10 @@
 """Loading a model so that no rank holds all of it.
 
-- ZeRO-3: transformers' own path. While an ``HfDeepSpeedConfig`` is alive, ``from_pretrained`` builds
-  the model inside ``deepspeed.zero.Init`` (each weight partitioned as it is created) and copies each
-  checkpoint tensor into its partitions one at a time.
+- ZeRO-3: from a safetensors folder, the model is built inside ``deepspeed.zero.Init`` (each weight
+  partitioned as it is created, not initialised) and each rank reads only the rows of each tensor
+  that cover its flat partition. Otherwise transformers' own path: while an ``HfDeepSpeedConfig`` is
+  alive, ``from_pretrained`` builds the model inside ``zero.Init`` and rank 0 reads the checkpoint
+  (its whole file in memory) and scatters each tensor into the partitions.
 - FSDP2: the model is built on the meta device, ``fully_shard``-ed, materialised as this rank's
   shards only, then filled. From a safetensors folder (one file or an index of several) each rank
   reads just its own rows of each tensor (``safe_open(...).get_slice``): no rank reads, holds or
@@ -32,6 +34,82 @@ def keep_zero3_loading(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
+
+
+@torch.no_grad()
+def fill_own_partitions(model: nn.Module, files: Dict[str, str], names: Dict[str, str]) -> int:
+    """Copy into each ZeRO-3 parameter's local partition (``ds_tensor``, DeepSpeed's even flat split)
+    the rows of the checkpoint that cover it, and whole buffers; returns the elements read."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from safetensors import safe_open
+
+    rank = dist.get_rank()
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    by_file: Dict[str, list] = {}
+    for name, key in names.items():
+        by_file.setdefault(files[key], []).append((name, key))
+    read = 0
+    for path, entries in by_file.items():
+        with safe_open(path, framework="pt") as handle:
+            for name, key in entries:
+                target, stored = tensors[name], handle.get_slice(key)
+                shape = tuple(stored.get_shape())
+                full_shape = tuple(getattr(target, "ds_shape", target.shape))
+                if shape != full_shape:
+                    raise ValueError(f"{path}: {key} has shape {shape}, the model's {name} {full_shape}")
+                if not hasattr(target, "ds_id"):  # a buffer: every rank holds it whole
+                    target.copy_(stored[...].to(target.dtype) if shape else stored[...])
+                    continue
+                if target.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+                    raise ValueError(f"{name}: a ZeRO-3 parameter gathered while loading; cannot fill its partition")
+                numel, part = target.ds_numel, target.ds_tensor.numel()
+                start, stop = min(rank * part, numel), min((rank + 1) * part, numel)
+                if stop <= start:
+                    continue
+                width = numel // shape[0] if shape else 1
+                first, last = start // width, -(-stop // width)
+                rows = (stored[first:last] if shape else stored[...]).reshape(-1)
+                values = rows[start - first * width:stop - first * width]
+                target.ds_tensor[:stop - start].copy_(values.to(target.ds_tensor.dtype))
+                read += rows.numel()
+    return read
+
+
+def load_zero3(spec: str, ds_config: dict, say=print, **load_kwargs) -> nn.Module:
+    """The model ``load_model(spec, **load_kwargs)`` would give, ZeRO-3 partitioned from the start.
+    From a safetensors folder: built under ``deepspeed.zero.Init`` without initialising its weights,
+    then each rank reads only the rows that cover its partitions; otherwise transformers' own ZeRO-3
+    loading (rank 0 reads the checkpoint and scatters it). ``keep_zero3_loading`` must be alive."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+
+    if spec in TINY_MODELS:  # the random test models are built whole, then partitioned by the engine
+        return load_model(spec, **load_kwargs)
+    folder, extra = model_source(spec)
+    files = safetensors_files(folder)
+    if files is None or load_kwargs.get("task") == "seq-cls":
+        say(f"loading {spec} through transformers' ZeRO-3 path (rank 0 reads the checkpoint)")
+        return load_model(spec, **load_kwargs)
+    dtype = torch.bfloat16 if load_kwargs.get("precision") == "bf16" else torch.float32
+    with no_init_weights():  # transformers builds under zero.Init while HfDeepSpeedConfig lives
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **extra), dtype=dtype)
+    if not all(hasattr(p, "ds_id") for p in model.parameters()):
+        raise RuntimeError(f"{spec}: the model was not built under deepspeed.zero.Init (is keep_zero3_loading alive?)")
+    names, missing = checkpoint_names(model, files)
+    if missing:
+        say(f"loading {spec} through transformers' ZeRO-3 path ({missing[0]} is not in the checkpoint)")
+        del model
+        return load_model(spec, **load_kwargs)
+    read = fill_own_partitions(model, files, names)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    say(f"loaded {spec}: each rank read the rows covering its ZeRO-3 partitions ({read:,} of {total:,} elements)")
+    model.config._name_or_path = spec
+    return model.eval()
 
 
 def safetensors_files(folder: str) -> Optional[Dict[str, str]]:
