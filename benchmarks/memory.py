@@ -28,6 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
+sys.path.insert(0, ROOT)  # gora_dist from the checkout
 
 from provenance import git_commit, git_dirty, package_versions  # noqa: E402
 
@@ -49,17 +50,13 @@ def save_random_llama(folder: str, shape: dict) -> dict:
     """A random-weight Llama with a character-level tokenizer (and chat template) in ``folder``;
     returns its sizes in bytes (float32): whole model, one block, target weights."""
     import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    characters = [chr(code) for code in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char: index + 3 for index, char in enumerate(characters)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    from gora_dist.launcher.tokenizer import character_tokenizer
+
+    tokenizer = character_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}assistant: {% endif %}")
+    vocab = tokenizer.get_vocab()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), max_position_embeddings=256, tie_word_embeddings=False,
@@ -199,7 +196,7 @@ def _row_summary(row: dict, sizes: dict) -> str:
     for phase in PHASES:
         entry = row["phases"].get(phase)
         if entry and "model_dependent_rss" in entry:
-            cells.append(f"{phase} {entry['model_dependent_rss'] / sizes['model_bytes']:.2f}x")
+            cells.append(f"{phase} {entry['model_dependent_heap'] / sizes['model_bytes']:.2f}x")
     return f"{row['engine']} world {row['world']}: " + ", ".join(cells)
 
 
@@ -209,9 +206,11 @@ def markdown(result: dict) -> str:
     lines = [f"# Peak memory per phase ({sizes['parameters'] / 1e6:.0f} M-parameter random Llama, float32, "
              f"{model / GIB:.2f} GiB)", "",
              f"commit {result.get('commit', '?')}, {result.get('date', '?')}; {result['method']}.", "",
-             "Model-dependent peak of the largest rank as a multiple of the model's bytes (resident memory; heap in "
-             "brackets), and the goal (model/world + one block; gradient steps and init also + GoRA's sums, "
-             "targets/world, + one block's gradient). Runtime: the tiny model's resident peak in GiB.", "",
+             "Model-dependent peak of the largest rank as a multiple of the model's bytes: glibc's in-use heap "
+             "(allocated, touched or not: what a GPU allocator would hold), resident memory in brackets (touched "
+             "pages, including the checkpoint file's pages mapped while loading), and the goal: model/world + one "
+             "block; in the gradient steps and init also GoRA's float32 sums (targets/world) + one block's gradient. "
+             "✗: heap above the goal. Runtime: the tiny model's peak heap and resident memory in GiB.", "",
              "| engine | world | " + " | ".join(PHASES) + " | runtime (GiB) |",
              "|---|---|" + "---|" * len(PHASES) + "---|"]
     for row in result["runs"]:
@@ -221,12 +220,13 @@ def markdown(result: dict) -> str:
             if not entry or "model_dependent_rss" not in entry:
                 cells.append("–")
                 continue
-            ratio, heap, goal = (entry["model_dependent_rss"] / model, entry["model_dependent_heap"] / model,
-                                 entry["bound"] / model)
-            mark = "" if entry["model_dependent_rss"] <= entry["bound"] else " ✗"
-            cells.append(f"{ratio:.2f} ({heap:.2f}) ≤ {goal:.2f}{mark}")
-        runtime = max(entry.get("runtime", {}).get("rss", 0) for entry in row["phases"].values()) / GIB
-        lines.append(f"| {row['engine']} | {row['world']} | " + " | ".join(cells) + f" | {runtime:.2f} |")
+            heap, rss, goal = (entry["model_dependent_heap"] / model, entry["model_dependent_rss"] / model,
+                               entry["bound"] / model)
+            mark = "" if entry["model_dependent_heap"] <= entry["bound"] else " ✗"
+            cells.append(f"{heap:.2f} ({rss:.2f}) ≤ {goal:.2f}{mark}")
+        heap = max(entry.get("runtime", {}).get("heap", 0) for entry in row["phases"].values()) / GIB
+        rss = max(entry.get("runtime", {}).get("rss", 0) for entry in row["phases"].values()) / GIB
+        lines.append(f"| {row['engine']} | {row['world']} | " + " | ".join(cells) + f" | {heap:.2f} ({rss:.2f}) |")
     return "\n".join(lines) + "\n"
 
 

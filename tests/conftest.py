@@ -85,16 +85,12 @@ def save_tiny_causal_lm(folder: str) -> str:
     <pad>, </s>, a chat template) and a random 2-layer Llama. initializer_range 0.2, not transformers'
     0.02: with a frozen random head that small the logits span about ±1.3 and no adapter can learn to
     generate an answer in a test's few steps."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig
 
-    characters = [chr(code) for code in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char: index + 3 for index, char in enumerate(characters)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    from gora_dist.launcher.tokenizer import character_tokenizer
+
+    tokenizer = character_tokenizer(CHAT_TEMPLATE)
+    vocab = tokenizer.get_vocab()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=120, num_hidden_layers=2,

@@ -44,24 +44,29 @@ def _check_tiny(spec: str, task: str) -> None:
                          "tiny-llama a causal LM (causal-lm, sft)")
 
 
+def _build(spec: str, task: str, labels: Sequence[str], precision: str, max_length: int, weights: bool) -> nn.Module:
+    """The model with its checkpoint's weights (``weights``) or, from its config alone, without them."""
+    dtype, head = _dtype_and_head(precision, labels)
+    if spec in TINY_MODELS:
+        _check_tiny(spec, task)
+        return _tiny_model(spec, head, max_length).to(dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder, extra = model_source(spec)
+    auto, head = (AutoModelForSequenceClassification, head) if task == "seq-cls" else (AutoModelForCausalLM, {})
+    if not weights:
+        return auto.from_config(AutoConfig.from_pretrained(folder, **head, **extra), dtype=dtype)
+    model = auto.from_pretrained(folder, dtype=dtype, **head, **extra)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # GGUF weights are dequantised on load; nothing stays quantised
+    return model
+
+
 def load_model(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("negative", "positive"),
                precision: str = "fp32", max_length: int = 64) -> nn.Module:
     """The model in eval mode: a causal LM (tasks causal-lm, sft) or a sequence classifier with a new
     head of ``labels`` (seq-cls). Seed the global RNG first: a new head is random."""
-    dtype, head = _dtype_and_head(precision, labels)
-    if spec in TINY_MODELS:
-        _check_tiny(spec, task)
-        model = _tiny_model(spec, head, max_length).to(dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        folder, extra = model_source(spec)
-        if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, **head, **extra)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None  # GGUF weights are dequantised on load; nothing stays quantised
+    model = _build(spec, task, labels, precision, max_length, weights=True)
     model.config._name_or_path = spec
     return model.eval()
 
@@ -72,20 +77,8 @@ def model_skeleton(spec: str, *, task: str = "causal-lm", labels: Sequence[str] 
     and its buffers real (rotary frequencies and the like are computed, not loaded)."""
     from accelerate import init_empty_weights
 
-    dtype, head = _dtype_and_head(precision, labels)
     with init_empty_weights(include_buffers=False):
-        if spec in TINY_MODELS:
-            _check_tiny(spec, task)
-            model = _tiny_model(spec, head, max_length).to(dtype)
-        else:
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-            folder, extra = model_source(spec)
-            if task == "seq-cls":
-                config = AutoConfig.from_pretrained(folder, **head, **extra)
-                model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-            else:
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **extra), dtype=dtype)
+        model = _build(spec, task, labels, precision, max_length, weights=False)
     return model.eval()
 
 

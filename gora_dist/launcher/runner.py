@@ -392,8 +392,12 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
     if setup.engine == "fsdp2":  # already sharded; the adapters are replicated (see gora_dist.replicated)
         return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1, main=setup.main)
     if ds_stage is not None:
-        return DeepSpeedTraining(model, config, deepspeed_config(config, ds_stage, micro, accumulation, setup.world),
-                                 synced_generation=ds_stage == 3 and setup.world > 1)
+        ds_config = deepspeed_config(config, ds_stage, micro, accumulation, setup.world)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # DeepSpeed allocates its gradient bucket at reduce_bucket_size (default 5e8 elements, 2 GB in
+        # float32) however few parameters train; the adapters need at most their own size
+        ds_config["zero_optimization"].setdefault("reduce_bucket_size", max(1, min(int(5e8), trainable)))
+        return DeepSpeedTraining(model, config, ds_config, synced_generation=ds_stage == 3 and setup.world > 1)
     if setup.engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

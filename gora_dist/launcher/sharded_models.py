@@ -36,43 +36,48 @@ def keep_zero3_loading(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
-@torch.no_grad()
-def fill_own_partitions(model: nn.Module, files: Dict[str, str], names: Dict[str, str]) -> int:
-    """Copy into each ZeRO-3 parameter's local partition (``ds_tensor``, DeepSpeed's even flat split)
-    the rows of the checkpoint that cover it, and whole buffers; returns the elements read."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+def _checkpoint_tensors(model: nn.Module, files: Dict[str, str], names: Dict[str, str]):
+    """(model tensor name, the model's tensor, the checkpoint's lazy slice, its shape, file), file by
+    file, each file opened once."""
     from safetensors import safe_open
 
-    rank = dist.get_rank()
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     by_file: Dict[str, list] = {}
     for name, key in names.items():
         by_file.setdefault(files[key], []).append((name, key))
-    read = 0
     for path, entries in by_file.items():
         with safe_open(path, framework="pt") as handle:
             for name, key in entries:
-                target, stored = tensors[name], handle.get_slice(key)
-                shape = tuple(stored.get_shape())
-                full_shape = tuple(getattr(target, "ds_shape", target.shape))
-                if shape != full_shape:
-                    raise ValueError(f"{path}: {key} has shape {shape}, the model's {name} {full_shape}")
-                if not hasattr(target, "ds_id"):  # a buffer: every rank holds it whole
-                    target.copy_(stored[...].to(target.dtype) if shape else stored[...])
-                    continue
-                if target.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-                    raise ValueError(f"{name}: a ZeRO-3 parameter gathered while loading; cannot fill its partition")
-                numel, part = target.ds_numel, target.ds_tensor.numel()
-                start, stop = min(rank * part, numel), min((rank + 1) * part, numel)
-                if stop <= start:
-                    continue
-                width = numel // shape[0] if shape else 1
-                first, last = start // width, -(-stop // width)
-                rows = (stored[first:last] if shape else stored[...]).reshape(-1)
-                values = rows[start - first * width:stop - first * width]
-                target.ds_tensor[:stop - start].copy_(values.to(target.ds_tensor.dtype))
-                read += rows.numel()
+                stored = handle.get_slice(key)
+                yield name, tensors[name], stored, tuple(stored.get_shape()), path
+
+
+@torch.no_grad()
+def fill_own_partitions(model: nn.Module, files: Dict[str, str], names: Dict[str, str]) -> int:
+    """Copy into each ZeRO-3 parameter's local partition (``ds_tensor``, DeepSpeed's even flat split)
+    the rows of the checkpoint that cover it, and whole buffers; returns the elements read."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    rank, read = dist.get_rank(), 0
+    for name, target, stored, shape, path in _checkpoint_tensors(model, files, names):
+        full_shape = tuple(getattr(target, "ds_shape", target.shape))
+        if shape != full_shape:
+            raise ValueError(f"{path}: {names[name]} has shape {shape}, the model's {name} {full_shape}")
+        if not hasattr(target, "ds_id"):  # a buffer: every rank holds it whole
+            target.copy_(stored[...].to(target.dtype) if shape else stored[...])
+            continue
+        if target.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            raise ValueError(f"{name}: a ZeRO-3 parameter gathered while loading; cannot fill its partition")
+        numel, part = target.ds_numel, target.ds_tensor.numel()
+        start, stop = min(rank * part, numel), min((rank + 1) * part, numel)
+        if stop <= start:
+            continue
+        width = numel // shape[0] if shape else 1
+        first, last = start // width, -(-stop // width)
+        rows = (stored[first:last] if shape else stored[...]).reshape(-1)
+        target.ds_tensor[:stop - start].copy_(rows[start - first * width:stop - first * width].to(target.ds_tensor.dtype))
+        read += rows.numel()
     return read
 
 
@@ -160,32 +165,19 @@ def _own_rows(tensor: torch.Tensor, full_rows: int, rank: int, world: int) -> sl
 @torch.no_grad()
 def fill_own_rows(model: nn.Module, files: Dict[str, str], names: Dict[str, str]) -> int:
     """Copy each tensor's rows that this rank owns from the safetensors files; returns the elements read."""
-    from safetensors import safe_open
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    by_file: Dict[str, list] = {}
-    for name, key in names.items():
-        by_file.setdefault(files[key], []).append((name, key))
-    read = 0
-    for path, entries in by_file.items():
-        with safe_open(path, framework="pt") as handle:
-            for name, key in entries:
-                target = tensors[name]
-                stored = handle.get_slice(key)
-                shape = tuple(stored.get_shape())
-                if shape != tuple(target.shape):
-                    raise ValueError(f"{path}: {key} has shape {shape}, the model's {name} {tuple(target.shape)}")
-                local = target.to_local() if hasattr(target, "to_local") else target
-                if not shape:
-                    local.copy_(stored[...])
-                    continue
-                rows = _own_rows(target, shape[0], rank, world)
-                if rows.stop > rows.start:
-                    values = stored[rows.start:rows.stop]
-                    local.copy_(values.to(local.dtype))
-                    read += values.numel()
+    rank, world, read = dist.get_rank(), dist.get_world_size(), 0
+    for name, target, stored, shape, path in _checkpoint_tensors(model, files, names):
+        if shape != tuple(target.shape):
+            raise ValueError(f"{path}: {names[name]} has shape {shape}, the model's {name} {tuple(target.shape)}")
+        local = target.to_local() if hasattr(target, "to_local") else target
+        if not shape:
+            local.copy_(stored[...])
+            continue
+        rows = _own_rows(target, shape[0], rank, world)
+        if rows.stop > rows.start:
+            values = stored[rows.start:rows.stop]
+            local.copy_(values.to(local.dtype))
+            read += values.numel()
     return read
 
 

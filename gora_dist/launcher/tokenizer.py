@@ -27,6 +27,23 @@ def minilm_folder() -> str:
     return get_model_path()
 
 
+def character_tokenizer(chat_template: str):
+    """A character-level fast tokenizer (printable ASCII and newline; ``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2) with ``chat_template``: for random-weight models saved as folders by the tests and
+    benchmarks, so they load like any Hugging Face model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = [chr(code) for code in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char: index + 3 for index, char in enumerate(characters)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def model_source(spec: str) -> Tuple[str, dict]:
     """(folder, extra from_pretrained arguments) of a packaged model name or a local folder."""
     if spec == "smollm2":
