@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """GoRA init communication and memory on clusters we cannot run here, from the same formulas that
-predict the measured small runs exactly.
+predict the measured small runs exactly (bytes) or within 10 % (memory per phase).
 
-    python benchmarks/cluster_model.py     # checks the formulas against benchmarks/results/init_overhead_cpu.json,
-                                           # then writes benchmarks/results/cluster_model.md
+    python benchmarks/cluster_model.py     # checks the formulas against benchmarks/results/init_overhead_cpu.json
+                                           # and memory_cpu.json, then writes benchmarks/results/cluster_model.md
 
 Assumptions (stated, not measured): bf16 gradients in the centralised scheme (as the official
 code), float32 for ours; ring all-reduce moves 2(k−1)/k of the payload per rank, a pipelined
@@ -86,6 +86,87 @@ def table(steps: int = 8) -> str:
     return "\n".join(lines)
 
 
+MEMORY_PHASES = ("load", "gradient steps", "init", "training")
+
+
+def rank_memory(model_bytes: float, block_bytes: float, target_elements: float, adapter_elements: float,
+                world: int, engine: str, working_blocks: dict, dtype_bytes: int = 4) -> dict:
+    """Model-dependent bytes the largest rank holds at the peak of each phase, by the launcher's flow:
+    its shard of the weights (model/world), plus a working set of ``working_blocks[phase]`` blocks
+    (gathered weights, their all-gather buffers, the prefetched next block, a block's gradient); in
+    the gradient steps and init GoRA's float32 sums of 1/world of the targets, and under FSDP2 in the
+    gradient steps FSDP's own sharded gradient of every target (it keeps them until the backward
+    ends); in training the adapters' float32 weights, gradients and two AdamW moments (replicated
+    under FSDP2, partitioned under ZeRO-3)."""
+    shard = model_bytes / world
+    sums = 4 * target_elements / world
+    fsdp_gradients = dtype_bytes * target_elements / world if engine == "fsdp2" else 0.0
+    adapters = 16 * adapter_elements / (world if engine == "zero3" else 1)
+    extra = {"load": 0.0, "gradient steps": sums + fsdp_gradients, "init": sums, "training": adapters}
+    return {phase: shard + extra[phase] + working_blocks[phase] * block_bytes for phase in MEMORY_PHASES}
+
+
+def lora_elements(shapes: dict, rank: int = 8) -> int:
+    """Adapter parameters of LoRA at one rank on every target (GoRA's budget equals it)."""
+    return sum(rank * (out + inp) for out, inp in shapes.values())
+
+
+def _measured(path: str):
+    with open(path) as handle:
+        data = json.load(handle)
+    sizes, shape = data["sizes"], data["sizes"]["shape"]
+    kv = shape["hidden_size"] // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    shapes = target_shapes(shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], kv)
+    return data, sizes, lora_elements(shapes)
+
+
+def calibrate_working_blocks(path: str, world: int = 2) -> dict:
+    """{engine: {phase: blocks}}: the working set that makes rank_memory equal the heap measured at
+    ``world`` (what is left of the peak after the shard, the sums, FSDP's gradients and the adapters)."""
+    data, sizes, adapters = _measured(path)
+    zero = dict.fromkeys(MEMORY_PHASES, 0.0)
+    working = {}
+    for run in data["runs"]:
+        if run["world"] != world:
+            continue
+        base = rank_memory(sizes["model_bytes"], sizes["block_bytes"], sizes["target_bytes"] / 4, adapters, world,
+                           run["engine"], zero)
+        working[run["engine"]] = {phase: (run["phases"][phase]["model_dependent_heap"] - base[phase]) / sizes["block_bytes"]
+                                  for phase in MEMORY_PHASES}
+    return working
+
+
+def check_memory_against_measured(path: str, working: dict, calibrated_at: int = 2) -> list:
+    """(engine, world, phase, measured, predicted) for the runs at world sizes above ``calibrated_at``:
+    predictions out of the calibration sample."""
+    data, sizes, adapters = _measured(path)
+    rows = []
+    for run in data["runs"]:
+        if run["world"] <= calibrated_at:
+            continue
+        predicted = rank_memory(sizes["model_bytes"], sizes["block_bytes"], sizes["target_bytes"] / 4, adapters,
+                                run["world"], run["engine"], working[run["engine"]])
+        rows += [(run["engine"], run["world"], phase, run["phases"][phase]["model_dependent_heap"], predicted[phase])
+                 for phase in MEMORY_PHASES]
+    return rows
+
+
+def memory_table(working: dict, worlds=(8, 64)) -> str:
+    lines = ["| model (bf16, q k v o gate up down) | GPUs | engine | load | gradient steps | init | training |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (hidden, intermediate, layers, kv) in MODELS.items():
+        shapes = target_shapes(hidden, intermediate, layers, kv)
+        targets = sum(out * inp for out, inp in shapes.values())
+        block = sum(out * inp for key, (out, inp) in shapes.items() if key.startswith("0.")) + 2 * hidden
+        parameters = targets + 2 * 128256 * hidden + layers * 2 * hidden + hidden  # untied embeddings and head
+        for world in worlds:
+            for engine in ("fsdp2", "zero3"):
+                memory = rank_memory(2 * parameters, 2 * block, targets, lora_elements(shapes), world, engine,
+                                     working[engine], dtype_bytes=2)
+                lines.append(f"| {name} | {world} | {engine} | " + " | ".join(f"{memory[p] / 1e9:.1f} GB" for p in MEMORY_PHASES) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     measured = os.path.join(ROOT, "benchmarks", "results", "init_overhead_cpu.json")
     checked = check_against_measured(measured)
@@ -98,6 +179,28 @@ def main() -> None:
         "steps with the target weights trainable; the centralised scheme adds its all-reduce on top of the "
         "engine's.\n\n" + table() + "\n"
     )
+    memory_file = os.path.join(ROOT, "benchmarks", "results", "memory_cpu.json")
+    if os.path.exists(memory_file):
+        working = calibrate_working_blocks(memory_file)
+        rows = check_memory_against_measured(memory_file, working)
+        worst = max(abs(measured - predicted) / measured for *_, measured, predicted in rows)
+        text += ("\n## Memory per rank\n\n"
+                 "`rank_memory`: the shard of the weights, GoRA's sums, FSDP2's own sharded target gradients in the "
+                 "gradient steps, the adapters' state, and a working set of whole blocks (gathered weights and their "
+                 "buffers, the prefetched block, a block's gradient) that does not depend on the world size. The "
+                 "working set is calibrated on the world-2 runs of benchmarks/memory.py (heap, largest rank, "
+                 "model-dependent), in blocks: " + "; ".join(
+                     f"{engine} " + ", ".join(f"{phase} {value:.1f}" for phase, value in phases.items())
+                     for engine, phases in working.items()) + ". "
+                 f"Predicted for the world-4 runs it is off by at most {100 * worst:.1f} % of the measured peak:\n\n"
+                 "| engine | world | phase | measured | predicted | deviation |\n|---|---|---|---|---|---|\n")
+        for engine, world, phase, measured, predicted in rows:
+            text += (f"| {engine} | {world} | {phase} | {measured / 2**30:.3f} GiB | {predicted / 2**30:.3f} GiB | "
+                     f"{100 * (predicted - measured) / measured:+.1f} % |\n")
+        text += ("\nThe same formula for Llama-3.1 in bf16 (weights, gathered blocks and FSDP2's gradients in bf16; "
+                 "GoRA's sums and the adapters' state in float32; the budget of LoRA r = 8 on all seven projections; "
+                 "the working set in blocks as calibrated above; activations, the CUDA context and allocator slack "
+                 "not included):\n\n" + memory_table(working) + "\n")
     with open(os.path.join(ROOT, "benchmarks", "results", "cluster_model.md"), "w") as handle:
         handle.write(text)
     print(text)
