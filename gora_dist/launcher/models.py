@@ -75,7 +75,11 @@ def model_skeleton(spec: str, *, task: str = "causal-lm", labels: Sequence[str] 
                    precision: str = "fp32", max_length: int = 64) -> nn.Module:
     """The architecture ``load_model`` would return, its parameters on the meta device (no memory)
     and its buffers real (rotary frequencies and the like are computed, not loaded)."""
-    from accelerate import init_empty_weights
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise ValueError("loading a model sharded (engine fsdp2) builds it on the meta device with accelerate: "
+                         "pip install accelerate") from None
 
     with init_empty_weights(include_buffers=False):
         model = _build(spec, task, labels, precision, max_length, weights=False)
