@@ -32,6 +32,8 @@ sys.path.insert(0, ROOT)  # gora_dist from the checkout
 
 from provenance import git_commit, git_dirty, package_versions  # noqa: E402
 
+from gora_dist.launcher.runner import free_port  # noqa: E402
+
 PHASES = ("load", "gradient steps", "init", "training setup", "evaluation", "training", "checkpoint", "final adapter")
 GIB = 2**30
 
@@ -93,7 +95,7 @@ def launch(engine: str, world: int, model: str, data: str, out: str, trace: str,
         with open(ds_config, "w") as handle:
             json.dump(ZERO3_LIMITS, handle)
         arguments += ["--ds-config", ds_config]
-        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(_port()), train]
+        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(free_port()), train]
     else:
         command = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", str(world), train,
                    "--engine", engine]
@@ -102,14 +104,6 @@ def launch(engine: str, world: int, model: str, data: str, out: str, trace: str,
     if result.returncode != 0:
         raise RuntimeError(f"{engine} world {world} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     return time.perf_counter() - started
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def largest_rank(trace: str, world: int) -> dict:

@@ -373,4 +373,5 @@ def copy_plan_into_adapters(model: nn.Module, plan: GoRAPlan) -> None:
         write_full(adapter.lora_A, plan.lora_a[name])
         write_full(adapter.lora_B, plan.lora_b[name])
 
+
 __all__ = ["GoRAPlan", "build_plan", "estimate_gradients", "apply_plan", "copy_plan_into_adapters", "GoRADistributedError"]

@@ -71,6 +71,13 @@ def load_model(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("
     return model.eval()
 
 
+def model_from_config(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("negative", "positive"),
+                      precision: str = "fp32", max_length: int = 64) -> nn.Module:
+    """The architecture ``load_model`` would return, built from its config without reading weights
+    (inside ``zero.Init`` or ``init_empty_weights``, whichever context the caller is in)."""
+    return _build(spec, task, labels, precision, max_length, weights=False)
+
+
 def model_skeleton(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("negative", "positive"),
                    precision: str = "fp32", max_length: int = 64) -> nn.Module:
     """The architecture ``load_model`` would return, its parameters on the meta device (no memory)
@@ -82,7 +89,7 @@ def model_skeleton(spec: str, *, task: str = "causal-lm", labels: Sequence[str] 
                          "pip install accelerate") from None
 
     with init_empty_weights(include_buffers=False):
-        model = _build(spec, task, labels, precision, max_length, weights=False)
+        model = model_from_config(spec, task=task, labels=labels, precision=precision, max_length=max_length)
     return model.eval()
 
 

@@ -45,7 +45,8 @@ class Setup:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -74,7 +75,7 @@ def setup_distributed(config: TrainConfig, by_deepspeed: bool) -> Setup:
         return Setup(engine, 0, 1, device)
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = timedelta(seconds=config.timeout_s)
     backend = "nccl" if cuda else "gloo"
     if engine in ("zero3", "zero2"):
@@ -187,20 +188,16 @@ def _load(config: TrainConfig, task: Task, setup: Setup, zero3_config: Optional[
     caller's ``keep_zero3_loading`` alive), or whole on this rank's device."""
     torch.manual_seed(config.seed)  # a new classification head starts the same on every rank
     options = dict(task=config.task, labels=_labels(task), precision=config.precision, max_length=config.max_length)
+    say = print if setup.main else (lambda *a, **k: None)
     if setup.engine == "fsdp2":
         from .sharded_models import load_fsdp2
 
-        say = print if setup.main else (lambda *a, **k: None)
         return load_fsdp2(config.model, lambda model: _shard_fsdp2(model, config), setup.device, say=say, **options)
     if setup.engine == "zero3":
         from .sharded_models import load_zero3
 
-        say = print if setup.main else (lambda *a, **k: None)
         return load_zero3(config.model, zero3_config, say=say, **options)
-    model = load_model(config.model, **options)
-    if setup.engine in ("local", "ddp", "zero2"):
-        model.to(setup.device)
-    return model
+    return load_model(config.model, **options).to(setup.device)  # local, ddp, zero2: the whole model per rank
 
 
 def _resolve_targets(config: TrainConfig, model) -> None:

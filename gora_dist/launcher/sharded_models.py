@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .models import load_model, model_skeleton
+from .models import load_model, model_from_config, model_skeleton
 from .tokenizer import TINY_MODELS, model_source
 
 
@@ -86,8 +86,6 @@ def load_zero3(spec: str, ds_config: dict, say=print, **load_kwargs) -> nn.Modul
     From a safetensors folder: built under ``deepspeed.zero.Init`` without initialising its weights,
     then each rank reads only the rows that cover its partitions; otherwise transformers' own ZeRO-3
     loading (rank 0 reads the checkpoint and scatters it). ``keep_zero3_loading`` must be alive."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:
@@ -95,14 +93,12 @@ def load_zero3(spec: str, ds_config: dict, say=print, **load_kwargs) -> nn.Modul
 
     if spec in TINY_MODELS:  # the random test models are built whole, then partitioned by the engine
         return load_model(spec, **load_kwargs)
-    folder, extra = model_source(spec)
-    files = safetensors_files(folder)
+    files = safetensors_files(model_source(spec)[0])
     if files is None or load_kwargs.get("task") == "seq-cls":
         say(f"loading {spec} through transformers' ZeRO-3 path (rank 0 reads the checkpoint)")
         return load_model(spec, **load_kwargs)
-    dtype = torch.bfloat16 if load_kwargs.get("precision") == "bf16" else torch.float32
     with no_init_weights():  # transformers builds under zero.Init while HfDeepSpeedConfig lives
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **extra), dtype=dtype)
+        model = model_from_config(spec, **load_kwargs)
     if not all(hasattr(p, "ds_id") for p in model.parameters()):
         raise RuntimeError(f"{spec}: the model was not built under deepspeed.zero.Init (is keep_zero3_loading alive?)")
     names, missing = checkpoint_names(model, files)
