@@ -85,6 +85,8 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
     assert all(fact["engine_freed"] for fact in facts)
     if engine == "fsdp2":  # ... and FSDP2 freed each unsharded weight as it sharded it (nothing of ours held one)
         assert all(fact["unsharded_weights_freed"] for fact in facts)
+        # every target's gradient went through our in-backward reduce-scatter: none waited as a shard
+        assert "reduced this layer's gradient itself" not in result.stderr, result.stderr[-3000:]
 
     # a few training steps under the same engine: loss goes down, base weights stay
     for fact in facts:

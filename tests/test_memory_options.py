@@ -82,3 +82,26 @@ def test_estimation_with_a_nuclear_norm_that_cannot_fit_stops_before_any_gradien
     with pytest.raises(ValueError, match=r"importance=grad_nuclear: the nuclear norm needs layer model\.layers\.\d\.mlp\.down_proj"):
         estimate_plan(tiny_llama(), counted_batches(), config, engine="local")
     assert not calls
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp2_shards_the_embeddings_apart_from_the_root(tied):
+    """Left in the root's group they would stay gathered for a whole step; tied, they are one group."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from gora_dist.engines.fsdp2 import default_shard_modules
+
+    model = tiny_llama()
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    groups = default_shard_modules(model)
+    assert groups[:2] == list(model.model.layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert groups[2:] == ([[embed, head]] if tied else [embed, head])
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32))
+    blocks = default_shard_modules(bert)  # BERT's embeddings module is itself one of its blocks: not twice
+    owners = [group for group in blocks if any(m is bert.get_input_embeddings() for m in group.modules())]
+    assert len(owners) == 1

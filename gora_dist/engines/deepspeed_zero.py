@@ -26,6 +26,7 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload, ZeROO
 from ..apply_utils import batch_loss, find_target_modules, to_device
 from ..gradients import gradients_only_for, target_weight_names
 from ..shards import FlatShard
+from .reduce import owned_mean
 
 _TRAINING_KEYS = ("optimizer", "scheduler", "train_batch_size")
 # what DeepSpeedZeRoOffload leaves on each module; left in place, a later deepspeed.initialize
@@ -124,19 +125,9 @@ class ZeroEngine:
         def reduce_and_hand_over(param: torch.Tensor) -> None:
             grad, param.grad = param.grad, None
             if self._add is not None:
-                self._add(name, self._owned_mean(grad, param.partition_numel(), shard.numel))
+                self._add(name, owned_mean(grad, param.partition_numel(), shard.numel, divide_by=self.loss_scale))
 
         return reduce_and_hand_over
-
-    def _owned_mean(self, grad: torch.Tensor, partition: int, owned: int) -> torch.Tensor:
-        """This rank's partition of the gradient averaged over ranks, float32 (ZeRO-3's even split,
-        the last partition padded)."""
-        flat = grad.reshape(-1).float()
-        if partition * self.world != flat.numel():
-            flat = torch.nn.functional.pad(flat, (0, partition * self.world - flat.numel()))
-        local = torch.empty(partition, dtype=torch.float32, device=flat.device)
-        dist.reduce_scatter_tensor(local, flat)
-        return local[:owned].mul_(1.0 / (self.world * self.loss_scale))
 
     def shard(self, name: str) -> FlatShard:
         return self._shards[name]

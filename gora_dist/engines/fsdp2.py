@@ -1,9 +1,21 @@
-"""FSDP2 (``fully_shard``): each rank owns a block of rows of every weight (DTensor Shard(0)), and
-after FSDP's reduce-scatter the same rows of the averaged gradient."""
+"""FSDP2 (``fully_shard``): each rank owns a block of rows of every weight (DTensor Shard(0)) and
+takes the same rows of the rank-averaged gradient.
+
+FSDP2 itself would reduce-scatter each block's gradients after that block's backward and keep every
+target's sharded ``.grad`` until the backward ends (there is no hook on a sharded gradient's
+arrival): 1/world of the targets beside GoRA's float32 sums, in the parameter dtype. Instead a hook
+on each target's unsharded weight (the one FSDP2 gathers for forward and backward) takes the
+layer's gradient as autograd produces it, reduce-scatters it in float32 to this rank's rows, hands
+them over and frees it, so FSDP2 finds nothing to reduce: one layer's gradient in flight at a time,
+as under ZeRO-3. Letting FSDP2 accumulate the N steps instead would hold the same 1/world in the
+parameter dtype (bfloat16 for a bfloat16 model: N additions rounded to 8 bits of mantissa) and
+save nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -13,11 +25,34 @@ import torch.distributed as dist
 from ..apply_utils import batch_loss, find_target_modules, to_device, transformer_blocks
 from ..gradients import gradients_only_for, target_weight_names
 from ..shards import FlatShard
+from .reduce import owned_mean
 
 
 def default_shard_modules(model: nn.Module) -> list:
-    """The transformer blocks: modules whose class is in the model's ``_no_split_modules`` (HF)."""
-    return list(transformer_blocks(model).values())
+    """What to ``fully_shard`` before the root, one group each: the transformer blocks (modules whose
+    class is in the model's ``_no_split_modules``, HF), then the input and output embeddings.
+
+    Left to the root, the embeddings would stay gathered from the first forward to the end of the
+    backward (FSDP2 never reshards the root after forward): at Llama-70B two 2.1 GB bf16 matrices
+    whole on every rank through every step. Their own groups are gathered only while used, at the
+    price of gathering the output head a second time for the backward. Tied, they share one group.
+    """
+    groups = list(transformer_blocks(model).values())
+    inside_blocks = {id(module) for block in groups for module in block.modules()}  # BERT: embeddings are a block
+    embeddings = [module for module in map(_embedding, ("get_input_embeddings", "get_output_embeddings"), [model] * 2)
+                  if isinstance(getattr(module, "weight", None), nn.Parameter) and id(module) not in inside_blocks]
+    if len(embeddings) == 2 and embeddings[0].weight is embeddings[1].weight:
+        groups.append(embeddings)
+    else:
+        groups.extend(embeddings)
+    return groups
+
+
+def _embedding(getter: str, model: nn.Module):
+    try:
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without the getter
+        return None
 
 
 class FSDP2Engine:
@@ -52,6 +87,33 @@ class FSDP2Engine:
                 fully_shard(module, mesh=self.mesh, **fsdp_kwargs)
             fully_shard(model, mesh=self.mesh, **fsdp_kwargs)
         self._shards = {name: self._row_shard(name, module.weight) for name, module in self.targets.items()}
+        self._add = None
+        self._missed = set()
+        self._hooked = set()  # ids of unsharded weights that carry our hook (FSDP2 keeps one per weight)
+        for name, module in self.targets.items():
+            self._stack.callback(module.register_forward_pre_hook(self._watch(name)).remove)
+
+    def _watch(self, name: str):
+        """Before the layer's forward, FSDP2 has put its unsharded weight in place: hook it once."""
+        rows_per_rank = -(-self.targets[name].weight.shape[0] // self.mesh.size())
+
+        def hook_unsharded_weight(module: nn.Module, _args) -> None:
+            weight = module.weight
+            if hasattr(weight, "device_mesh") or id(weight) in self._hooked or not weight.requires_grad:
+                return  # still the sharded DTensor (not under FSDP2's forward), or already hooked
+            self._hooked.add(id(weight))
+            owned = self._shards[name].numel
+            cols = weight.shape[1]
+
+            def reduce_and_hand_over(param: torch.Tensor) -> None:
+                grad, param.grad = param.grad, None
+                if self._add is not None:
+                    self._add(name, owned_mean(grad, rows_per_rank * cols, owned, group=self.mesh.get_group()))
+
+            self._stack.callback(weight.register_post_accumulate_grad_hook(reduce_and_hand_over).remove)
+            self._stack.callback(self._hooked.discard, id(weight))
+
+        return hook_unsharded_weight
 
     def _row_shard(self, name: str, weight) -> FlatShard:
         from torch.distributed.tensor import Shard
@@ -76,10 +138,19 @@ class FSDP2Engine:
         return batch_loss(self.model, to_device(batch, self.device), loss_fn, where)
 
     def backward(self, loss: torch.Tensor, add) -> None:
-        loss.backward()
+        self._add = add
+        try:
+            loss.backward()
+        finally:
+            self._add = None
         for name, module in self.targets.items():
-            grad = module.weight.grad
-            if grad is not None:  # None: the loss did not reach this layer (a zero gradient)
+            grad = module.weight.grad  # FSDP2 reduced it itself: our hook never saw the unsharded weight
+            if grad is not None:
+                if name not in self._missed:
+                    self._missed.add(name)
+                    warnings.warn(f"{name}: FSDP2 reduced this layer's gradient itself (its unsharded weight was not "
+                                  "in place when the layer's forward began), so its shard is held until each backward "
+                                  "ends; the plan is the same", stacklevel=2)
                 add(name, grad.to_local().reshape(-1))
             module.weight.grad = None
 

@@ -171,14 +171,15 @@ def _fsdp2_policy(config: TrainConfig):
 
 
 def _shard_fsdp2(model, config: TrainConfig) -> None:
-    """fully_shard each transformer block, then the root (estimation and training share this model)."""
+    """fully_shard each transformer block and the embeddings, then the root (estimation and training
+    share this model)."""
     from torch.distributed.fsdp import fully_shard
 
     from ..engines.fsdp2 import default_shard_modules
 
     policy = _fsdp2_policy(config)
-    for block in default_shard_modules(model):
-        fully_shard(block, mp_policy=policy)
+    for group in default_shard_modules(model):
+        fully_shard(group, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 
 
