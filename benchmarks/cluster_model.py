@@ -90,19 +90,18 @@ MEMORY_PHASES = ("load", "gradient steps", "init", "training")
 
 
 def rank_memory(model_bytes: float, block_bytes: float, target_elements: float, adapter_elements: float,
-                world: int, engine: str, working_blocks: dict, dtype_bytes: int = 4) -> dict:
+                world: int, engine: str, working_blocks: dict) -> dict:
     """Model-dependent bytes the largest rank holds at the peak of each phase, by the launcher's flow:
     its shard of the weights (model/world), plus a working set of ``working_blocks[phase]`` blocks
-    (gathered weights, their all-gather buffers, the prefetched next block, a block's gradient); in
-    the gradient steps and init GoRA's float32 sums of 1/world of the targets, and under FSDP2 in the
-    gradient steps FSDP's own sharded gradient of every target (it keeps them until the backward
-    ends); in training the adapters' float32 weights, gradients and two AdamW moments (replicated
-    under FSDP2, partitioned under ZeRO-3)."""
+    (gathered weights, their all-gather buffers, the prefetched next block, a layer's gradient in
+    flight); in the gradient steps and init GoRA's float32 sums of 1/world of the targets (both
+    engines reduce-scatter each gradient inside the backward and keep no gradient of their own); in
+    training the adapters' float32 weights, gradients and two AdamW moments (replicated under FSDP2,
+    partitioned under ZeRO-3)."""
     shard = model_bytes / world
     sums = 4 * target_elements / world
-    fsdp_gradients = dtype_bytes * target_elements / world if engine == "fsdp2" else 0.0
     adapters = 16 * adapter_elements / (world if engine == "zero3" else 1)
-    extra = {"load": 0.0, "gradient steps": sums + fsdp_gradients, "init": sums, "training": adapters}
+    extra = {"load": 0.0, "gradient steps": sums, "init": sums, "training": adapters}
     return {phase: shard + extra[phase] + working_blocks[phase] * block_bytes for phase in MEMORY_PHASES}
 
 
@@ -122,7 +121,7 @@ def _measured(path: str):
 
 def calibrate_working_blocks(path: str, world: int = 2) -> dict:
     """{engine: {phase: blocks}}: the working set that makes rank_memory equal the heap measured at
-    ``world`` (what is left of the peak after the shard, the sums, FSDP's gradients and the adapters)."""
+    ``world`` (what is left of the peak after the shard, the sums and the adapters)."""
     data, sizes, adapters = _measured(path)
     zero = dict.fromkeys(MEMORY_PHASES, 0.0)
     working = {}
@@ -162,7 +161,7 @@ def memory_table(working: dict, worlds=(8, 64)) -> str:
         for world in worlds:
             for engine in ("fsdp2", "zero3"):
                 memory = rank_memory(2 * parameters, 2 * block, targets, lora_elements(shapes), world, engine,
-                                     working[engine], dtype_bytes=2)
+                                     working[engine])
                 lines.append(f"| {name} | {world} | {engine} | " + " | ".join(f"{memory[p] / 1e9:.1f} GB" for p in MEMORY_PHASES) + " |")
     return "\n".join(lines)
 
@@ -185,9 +184,9 @@ def main() -> None:
         rows = check_memory_against_measured(memory_file, working)
         worst = max(abs(measured - predicted) / measured for *_, measured, predicted in rows)
         text += ("\n## Memory per rank\n\n"
-                 "`rank_memory`: the shard of the weights, GoRA's sums, FSDP2's own sharded target gradients in the "
-                 "gradient steps, the adapters' state, and a working set of whole blocks (gathered weights and their "
-                 "buffers, the prefetched block, a block's gradient) that does not depend on the world size. The "
+                 "`rank_memory`: the shard of the weights, GoRA's sums in the gradient steps and init, the adapters' "
+                 "state, and a working set of whole blocks (gathered weights and their "
+                 "buffers, the prefetched block, a layer's gradient in flight) that does not depend on the world size. The "
                  "working set is calibrated on the world-2 runs of benchmarks/memory.py (heap, largest rank, "
                  "model-dependent), in blocks: " + "; ".join(
                      f"{engine} " + ", ".join(f"{phase} {value:.1f}" for phase, value in phases.items())
@@ -197,7 +196,7 @@ def main() -> None:
         for engine, world, phase, measured, predicted in rows:
             text += (f"| {engine} | {world} | {phase} | {measured / 2**30:.3f} GiB | {predicted / 2**30:.3f} GiB | "
                      f"{100 * (predicted - measured) / measured:+.1f} % |\n")
-        text += ("\nThe same formula for Llama-3.1 in bf16 (weights, gathered blocks and FSDP2's gradients in bf16; "
+        text += ("\nThe same formula for Llama-3.1 in bf16 (weights and gathered blocks in bf16; "
                  "GoRA's sums and the adapters' state in float32; the budget of LoRA r = 8 on all seven projections; "
                  "the working set in blocks as calibrated above; activations, the CUDA context and allocator slack "
                  "not included):\n\n" + memory_table(working) + "\n")
