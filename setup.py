@@ -32,6 +32,8 @@ setup(
         "train": ["matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19"],
         "deepspeed": ["deepspeed>=0.15"],
         "accelerate": ["accelerate>=0.34"],
+        # gora_dist.to_peft: the plan as a PEFT LoRA model
+        "peft": ["peft>=0.13"],
         # the fused kernels (kernels/, docs/kernels.md); wheels exist for Linux only, elsewhere the torch path runs
         "triton": [TRITON],
         "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",

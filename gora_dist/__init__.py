@@ -43,7 +43,7 @@ def _checkout_kernels() -> None:
 
 _checkout_kernels()
 
-from .adapter_io import load_adapter, save_adapter, save_plan, save_uniform_adapter
+from .adapter_io import load_adapter, load_plan, save_adapter, save_plan, save_uniform_adapter
 from .allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
 from .apply import apply_gora
 from .apply_utils import find_target_modules
@@ -52,6 +52,7 @@ from .config import GoRAConfig
 from .importance import layer_importance, normalize_importance
 from .initialization import gora_init_b, kaiming_uniform_a
 from .layers import GoRALinear, adapter_state_dict, gora_modules, mark_only_adapters_trainable, merge_adapters
+from .peft_model import lora_config, to_peft
 from .plan import GoRAPlan, apply_plan, build_plan, copy_plan_into_adapters, estimate_gradients
 from .report import GoRAReport, LayerReport
 
@@ -60,7 +61,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GoRAConfig", "GoRALinear", "GoRAReport", "LayerReport", "GoRAPlan", "GoRADistributedError",
     "apply_gora", "build_plan", "apply_plan", "copy_plan_into_adapters", "estimate_gradients", "find_target_modules",
-    "save_adapter", "save_uniform_adapter", "save_plan", "load_adapter", "merge_adapters",
+    "save_adapter", "save_uniform_adapter", "save_plan", "load_plan", "load_adapter", "merge_adapters",
+    "to_peft", "lora_config",
     "adapter_state_dict", "gora_modules", "mark_only_adapters_trainable",
     "allocate_ranks", "lora_param_count", "lora_reference_count", "rank_budget",
     "layer_importance", "normalize_importance", "gora_init_b", "kaiming_uniform_a",

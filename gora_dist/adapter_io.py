@@ -217,6 +217,30 @@ def _read_json(path: str) -> dict:
         return json.load(handle)
 
 
+def load_plan(path: str):
+    """The ``GoRAPlan`` an adapter folder holds (written by ``save_plan`` or by ``save_adapter`` with
+    its report): the rank map, the config, and the saved A/B (the initial ones, or trained ones from a
+    later checkpoint). With ``apply_plan`` or ``to_peft`` it goes into a model as loaded."""
+    from .plan import GoRAPlan
+
+    gora = _read_json(os.path.join(path, GORA_FILE))
+    if "layers" not in gora or "config" not in gora:
+        raise ValueError(f"{os.path.join(path, GORA_FILE)} has no report (layers, config): it was saved without one, "
+                         "so there is no plan to read back; use load_adapter")
+    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    lora_a, lora_b = {}, {}
+    for name, rank in gora["rank_map"].items():
+        if rank == 0:
+            continue
+        keys = (f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight")
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise ValueError(f"{name}: {os.path.join(path, WEIGHTS_FILE)} lacks {missing}")
+        lora_a[name], lora_b[name] = tensors[keys[0]].float(), tensors[keys[1]].float()
+    saved_state = {key[len(PEFT_PREFIX):]: value for key, value in tensors.items() if ".lora_" not in key}
+    return GoRAPlan(GoRAReport.from_dict(gora), lora_a, lora_b, saved_state)
+
+
 def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:
     """Put the adapters saved by :func:`save_adapter` into a fresh base model (in place).
 

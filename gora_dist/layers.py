@@ -232,20 +232,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def install_adapters(
-    model: nn.Module,
-    weights: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
-    *,
-    alpha: float,
-    use_rslora: bool = True,
-    dropout: float = 0.0,
-    modules_to_save: Sequence[str] = (),
-    saved_state: Optional[Mapping[str, torch.Tensor]] = None,
-) -> Dict[str, GoRALinear]:
-    """Wrap each named ``nn.Linear`` in a GoRALinear with the given (A (r, in), B (out, r)), then
-    freeze all but the adapters and ``modules_to_save`` (whose weights come from ``saved_state``,
-    {"<module>.<param>": tensor}, when given). Every name and shape is checked before the model is
-    touched. On a meta-device base the adapters stay on meta (nothing to copy yet)."""
+def check_adapters_fit(model: nn.Module, weights: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """[(name, base nn.Linear, A, B)] for adapters {name: (A (r, in), B (out, r))}, or a ValueError
+    naming the first module that is missing, not an ``nn.Linear``, or of another shape."""
     checked = []
     for name, (lora_a, lora_b) in weights.items():
         try:
@@ -263,6 +252,24 @@ def install_adapters(
                 f"(expected A{expected[0]} B{expected[1]})"
             )
         checked.append((name, base, lora_a, lora_b))
+    return checked
+
+
+def install_adapters(
+    model: nn.Module,
+    weights: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float,
+    use_rslora: bool = True,
+    dropout: float = 0.0,
+    modules_to_save: Sequence[str] = (),
+    saved_state: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Dict[str, GoRALinear]:
+    """Wrap each named ``nn.Linear`` in a GoRALinear with the given (A (r, in), B (out, r)), then
+    freeze all but the adapters and ``modules_to_save`` (whose weights come from ``saved_state``,
+    {"<module>.<param>": tensor}, when given). Every name and shape is checked before the model is
+    touched. On a meta-device base the adapters stay on meta (nothing to copy yet)."""
+    checked = check_adapters_fit(model, weights)
     saved_params = {}
     if saved_state:
         params = dict(model.named_parameters())

@@ -1,0 +1,89 @@
+"""A GoRA plan as a PEFT LoRA model: after ``to_peft`` GoRA is out of the way and everything PEFT
+offers works (``save_pretrained``, ``merge_and_unload``, several adapters, the Trainer's and TRL's
+PEFT support).
+
+The model computes what ``apply_plan(model, plan)`` computes: PEFT's ``lora_A``/``lora_B`` hold the
+plan's A0 (r, in) and B0 (out, r), in float32 like GoRA's own layers; ``rank_pattern`` gives each
+layer its rank and ``use_rslora`` the scale α/√r. Nothing of the base model is gathered or copied:
+the cost is the adapters themselves (float32, on every rank: PEFT creates them as plain tensors; under
+ZeRO-3 ``deepspeed.initialize`` partitions them afterwards; under FSDP2 they stay replicated and
+their gradients are averaged over the ranks once per backward, as with ``apply_plan``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch.nn as nn
+
+from .gather import write_full
+from .layers import GoRALinear, check_adapters_fit
+from .replicated import AveragedReplicas
+
+
+def lora_config(plan, *, task_type: Optional[str] = None, inference_mode: bool = False):
+    """PEFT's ``LoraConfig`` for the plan's layers: their exact names as targets, each one's rank in
+    ``rank_pattern`` (names escaped: PEFT reads the keys as regexes), rsLoRA, GoRA's α and dropout."""
+    from peft import LoraConfig
+
+    config = plan.report.config
+    ranks = {name: lora_a.shape[0] for name, lora_a in plan.lora_a.items()}
+    if not ranks:
+        raise ValueError("the plan adapts no layer (every rank is 0): nothing to put into a PEFT model")
+    return LoraConfig(
+        r=max(ranks.values()), lora_alpha=config.alpha, use_rslora=config.use_rslora, lora_dropout=config.dropout,
+        target_modules=list(ranks), rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
+        bias="none", modules_to_save=list(config.modules_to_save) or None, task_type=task_type,
+        inference_mode=inference_mode,
+    )
+
+
+def _sharding(model: nn.Module) -> Optional[str]:
+    for param in model.parameters():
+        if hasattr(param, "device_mesh"):
+            return "fsdp2"
+        if hasattr(param, "ds_id"):
+            return "zero3"
+    return None
+
+
+def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type: Optional[str] = None):
+    """``peft.PeftModel`` of ``model`` (as loaded: plain, ZeRO-3 partitioned or FSDP2 sharded, with no
+    GoRA layer in it) whose adapter ``adapter_name`` holds the plan's A0/B0.
+
+    task_type: PEFT's (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...); default from the model's class. Every
+    planned layer is checked (present, an ``nn.Linear``, the plan's shapes) before the model is touched.
+    """
+    from peft import get_peft_model
+
+    from .adapter_io import _task_type
+
+    if any(isinstance(module, GoRALinear) for module in model.modules()):
+        raise ValueError("the model already has GoRA layers: pass it as loaded (to_peft adds PEFT's own layers)")
+    weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
+    check_adapters_fit(model, weights)
+    sharding = _sharding(model)
+    if plan.saved_state and sharding is not None:
+        raise ValueError(f"modules_to_save={list(plan.report.config.modules_to_save)} with a {sharding}-sharded model: "
+                         "PEFT would copy the sharded module; to_peft supports them on an unsharded model only")
+    config = lora_config(plan, task_type=task_type if task_type is not None else _task_type(model))
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    inner = peft_model.base_model.model
+    lora_params = []
+    for name, (lora_a, lora_b) in weights.items():
+        layer = inner.get_submodule(name)
+        for module, value in ((layer.lora_A[adapter_name], lora_a), (layer.lora_B[adapter_name], lora_b)):
+            write_full(module.weight, value)
+            lora_params.append(module.weight)
+    for key, value in plan.saved_state.items():  # modules_to_save: PEFT's trainable copy of each
+        module_name, param_name = key.rsplit(".", 1)
+        wrapper = inner.get_submodule(module_name)
+        write_full(getattr(wrapper.modules_to_save[adapter_name], param_name), value)
+    if sharding == "fsdp2":  # replicated adapters beside FSDP2's shards: average their gradients per backward
+        mesh = next(p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh"))
+        AveragedReplicas(lora_params, group=mesh.get_group())
+    return peft_model
+
+
+__all__ = ["to_peft", "lora_config"]
