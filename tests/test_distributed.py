@@ -94,6 +94,12 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
         assert fact["base_unchanged"]
     if engine != "zero3":  # replicated adapters (DDP; FSDP2's, outside its shards) stay equal on every rank
         assert len({fact["adapter_checksum"] for fact in facts}) == 1, [fact["adapter_checksum"] for fact in facts]
+    if engine != "ddp":  # to_peft on a fresh sharded model trains exactly like GoRA's layers
+        for fact in facts:
+            assert fact["peft_losses"] == pytest.approx(fact["losses"], rel=1e-5, abs=1e-6), (fact["peft_losses"], fact["losses"])
+            assert fact["peft_base_unchanged"]
+        if engine == "fsdp2":
+            assert [fact["peft_checksum"] for fact in facts] == pytest.approx([facts[0]["adapter_checksum"]] * world, rel=1e-5)
 
 
 def test_nuclear_norm_importance_and_adaptive_steps_match_one_process(tmp_path):

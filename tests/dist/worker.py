@@ -113,6 +113,9 @@ def main():
         save_plan(plan, os.path.join(out_dir, "plan"), model)
 
     facts["losses"], facts["base_unchanged"], facts["adapter_checksum"] = train(engine, model, plan, rank, world)
+    if engine in ("fsdp2", "zero3") and mode == "ok":  # the same plan through to_peft on a fresh sharded model
+        facts["peft_losses"], facts["peft_base_unchanged"], facts["peft_checksum"] = train(
+            engine, sharded_model(engine), plan, rank, world, install=gora_dist.to_peft)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(facts, handle)
     dist.barrier()
@@ -124,14 +127,27 @@ def main():
     os._exit(0)
 
 
-def train(engine, model, plan, rank, world, steps=5):
-    """A few AdamW steps on the adapters under the same engine; returns (losses, base weights unchanged)."""
+def base_name(name):
+    """The plain model's name of a base parameter under GoRA's layers or PEFT's."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".base.", ".")
+
+
+def gora_layers(model, plan):
+    apply_plan(model, plan)
+    return model
+
+
+def train(engine, model, plan, rank, world, steps=5, install=gora_layers):
+    """A few AdamW steps on the adapters under the same engine, after ``install(model, plan)`` (GoRA's
+    layers, or ``to_peft``, which returns the model to run); returns (losses, base weights
+    unchanged, adapter checksum)."""
     batch = local_slice(lm_batches(1, batch_size=GLOBAL_BATCH, seed=11)[0], rank, world)
     reference = tiny_llama(intermediate_size=75)
+    model = install(model, plan)
     if engine == "zero3":
         import deepspeed
 
-        apply_plan(model, plan)  # the model is still ZeRO-3 partitioned; adapters get partitioned below
+        # the model is still ZeRO-3 partitioned; the adapters get partitioned by initialize
         adapter_params = [p for n, p in model.named_parameters() if ".lora_" in n]
         optimizer = torch.optim.AdamW(adapter_params, lr=1e-2)
         config = {**DS_CONFIG, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
@@ -146,18 +162,15 @@ def train(engine, model, plan, rank, world, steps=5):
         names = [n for n, p in model.named_parameters()]
         params = list(model.parameters())
         with deepspeed.zero.GatheredParameters(params):
-            unchanged = all(torch.equal(p.detach(), reference.get_parameter(n.replace(".base.", ".")))
+            unchanged = all(torch.equal(p.detach(), reference.get_parameter(base_name(n)))
                             for n, p in zip(names, params) if ".lora_" not in n)
         runner.destroy()
         return losses, unchanged, None
 
-    if engine == "fsdp2":
-        apply_plan(model, plan)  # the same, still sharded, model: the adapters are replicated on every rank
-        runner = model
-    else:  # ddp
+    runner = model  # fsdp2: the same, still sharded, model; the adapters are replicated on every rank
+    if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        apply_plan(model, plan)
         runner = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -168,10 +181,28 @@ def train(engine, model, plan, rank, world, steps=5):
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     state = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
-    unchanged = all(torch.equal(p.detach(), reference.get_parameter(n.replace(".base.", ".")))
+    unchanged = all(torch.equal(p.detach(), reference.get_parameter(base_name(n)))
                     for n, p in state.items() if ".lora_" not in n)
     checksum = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if ".lora_" in n)
     return losses, unchanged, checksum
+
+
+def sharded_model(engine):
+    """A fresh model as the engine holds it before GoRA: ZeRO-3 partitioned, or FSDP2 sharded."""
+    model = tiny_llama(intermediate_size=75)
+    if engine == "zero3":
+        import deepspeed
+
+        deepspeed.zero.Init(module=model, config_dict_or_path={**DS_CONFIG, "train_micro_batch_size_per_gpu": 1})
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        from gora_dist.engines.fsdp2 import default_shard_modules
+
+        for group in default_shard_modules(model):
+            fully_shard(group)
+        fully_shard(model)
+    return model
 
 
 if __name__ == "__main__":
