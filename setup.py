@@ -37,8 +37,8 @@ setup(
         # the fused kernels (kernels/, docs/kernels.md); wheels exist for Linux only, elsewhere the torch path runs
         "triton": [TRITON],
         "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
-                 TRITON],
+                 "trl>=0.20", TRITON],
         "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
-                "ruff", TRITON],
+                "trl>=0.20", "ruff", TRITON],
     },
 )

@@ -1,7 +1,13 @@
-"""GoRA in a transformers Trainer script: prepare_gora before Trainer(...), GoRAAdapterSaver for
-PEFT-format adapters in every checkpoint. One process here; the engine choice is the same code."""
+"""GoRA in the training code people run: prepare_gora / prepare_gora_peft before the Trainer, TRL's
+SFTTrainer or an accelerate loop wraps the model, GoRAAdapterSaver for PEFT-format adapters in every
+checkpoint. One process first; then two spawns at world 2 (tests/dist/trainer_worker.py) run every
+integration under ZeRO-3, FSDP2 and DDP against one process's plan for the same global batches."""
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +15,7 @@ import torch
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig, gora_modules
 from gora_dist.integrations import GoRAAdapterSaver, prepare_gora
+from gora_dist.launcher.runner import free_port
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -55,3 +62,90 @@ def test_trainer_trains_gora_adapters_and_saves_them_in_peft_format(tmp_path):
     probe = dataset[0]["input_ids"][None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=probe).logits, model(input_ids=probe).logits, rtol=0, atol=1e-5)
+
+
+# --- two ranks: the Trainer, TRL and accelerate under ZeRO-3, FSDP2 and DDP (tests/dist/trainer_worker.py) ---
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+from trainer_worker import CONFIG as WORKER_CONFIG, PER_DEVICE  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist", "trainer_worker.py")
+
+
+@pytest.fixture(scope="module")
+def one_process_plan():
+    """The plan of one process on the same global batches (2 ranks × PER_DEVICE, the same seed)."""
+    return prepare_gora(tiny_llama(), TokenDataset(), WORKER_CONFIG, global_batch_size=2 * PER_DEVICE)
+
+
+def run_worker(launcher, scenario, out):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if launcher == "deepspeed":
+        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                   WORKER, scenario, str(out)]
+    else:
+        command = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", "2", WORKER, scenario, str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+def facts(out, scenario):
+    return [json.loads((out / scenario / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def check_plan(fact, reference):
+    """The rank map of one process, A0 bit-equal, B0 up to float32 summation order; each rank summed half the gradients."""
+    assert fact["rank_map"] == reference.rank_map
+    for name, lora_a in reference.lora_a.items():
+        assert torch.equal(torch.tensor(fact["lora_a"][name]), lora_a), name
+        lora_b = reference.lora_b[name]
+        assert torch.linalg.norm(torch.tensor(fact["lora_b"][name]) - lora_b) / torch.linalg.norm(lora_b) < 1e-5, name
+    assert fact["held_elements"] <= fact["target_elements"] // 2 + 48 * len(reference.rank_map)
+
+
+def check_training(fact):
+    assert fact["losses"][-1] < fact["losses"][0] - 0.2, fact["losses"]
+    assert fact["base_unchanged"]
+
+
+def check_loads_in_peft(folder, rank_map):
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), folder)
+    for name, rank in rank_map.items():
+        assert loaded.base_model.model.get_submodule(name).r["default"] == rank, name
+
+
+def test_trainer_and_trl_under_zero3_at_two_ranks_and_a_resumed_checkpoint(tmp_path, one_process_plan):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("trl")
+    run_worker("deepspeed", "zero3", tmp_path)
+    for fact in facts(tmp_path, "trainer_zero3"):  # Trainer + ZeRO-3, GoRA's layers, loaded partitioned
+        assert fact["partitioned"]
+        check_plan(fact, one_process_plan)
+        check_training(fact)
+    check_loads_in_peft(tmp_path / "trainer" / "gora_adapter", one_process_plan.rank_map)
+    assert (tmp_path / "trainer" / "checkpoint-4" / "gora_adapter" / "gora.json").exists()
+    uninterrupted = facts(tmp_path, "trainer_zero3")[0]["losses"]
+    for fact in facts(tmp_path, "resumed_zero3"):  # resumed at step 4 from the saved plan: the same run
+        assert fact["rank_map"] == one_process_plan.rank_map
+        assert fact["losses"] == pytest.approx(uninterrupted, rel=1e-6)
+    for fact in facts(tmp_path, "trl_zero3"):  # TRL's SFTTrainer + ZeRO-3 on the PEFT model
+        assert fact["is_peft"] == "PeftModelForCausalLM"
+        check_plan(fact, one_process_plan)
+        check_training(fact)
+
+
+def test_accelerate_and_fsdp2_with_peft_models_at_two_ranks(tmp_path, one_process_plan):
+    run_worker("torchrun", "torchrun", tmp_path)
+    for scenario in ("accelerate_ddp", "peft_fsdp2", "trainer_fsdp_on_cpu"):
+        for fact in facts(tmp_path, scenario):
+            check_plan(fact, one_process_plan)
+            assert fact["losses"][-1] < fact["losses"][0] - 0.2, (scenario, fact["losses"])
+    for scenario in ("accelerate_ddp", "peft_fsdp2"):  # replicated adapters stay equal on both ranks
+        both = facts(tmp_path, scenario)
+        assert all(fact["base_unchanged"] for fact in both)
+        assert both[0]["checksum"] == both[1]["checksum"], scenario
+    assert all(fact["sharded_weights"] for fact in facts(tmp_path, "peft_fsdp2"))
+    check_loads_in_peft(tmp_path / "accelerate" / "peft_adapter", one_process_plan.rank_map)
+    for fact in facts(tmp_path, "trainer_fsdp_on_cpu"):  # accelerate trains with DDP on the CPU, and GoRA says so
+        assert any("FSDP was asked for on the CPU" in message for message in fact["warnings"])

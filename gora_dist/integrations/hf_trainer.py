@@ -1,27 +1,36 @@
-"""GoRA for a transformers ``Trainer`` (or an accelerate script) in a few lines:
+"""GoRA for a transformers ``Trainer``, TRL's ``SFTTrainer`` or an accelerate loop, in a few lines:
 
     plan = prepare_gora(model, train_dataset, GoRAConfig(...), args=training_args, data_collator=collator)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                       callbacks=[GoRAAdapterSaver(plan)])
     trainer.train()
 
-``prepare_gora`` runs before the Trainer wraps the model: it estimates the plan with the engine that
-matches the run (DeepSpeed ZeRO-3 when the model was loaded partitioned under an HF DeepSpeed
-config, DDP when several processes run, one process otherwise) on this rank's share of
-``grad_steps`` global batches, then puts the adapters in. The Trainer then builds its optimizer
-over the adapters only, and DeepSpeed/FSDP shard them like any parameter.
+or, for a PEFT model (everything PEFT and the trainers' PEFT support offer; not under a Trainer's
+own FSDP2, see prepare_gora_peft):
+
+    model, plan = prepare_gora_peft(model, train_dataset, GoRAConfig(...), args=training_args)
+
+Both run after the process group exists and before the trainer wraps the model. They estimate the
+plan with the engine the run uses, on this rank's share of ``grad_steps`` global batches:
+DeepSpeed ZeRO-3 when the model was loaded partitioned (an HF DeepSpeed config at stage 3), FSDP2
+when the arguments or the accelerator ask for FSDP2 on accelerator devices (the model is
+``fully_shard``-ed here, the way accelerate would, which then takes it as it is), DDP when several
+processes run (FSDP asked for on the CPU included: accelerate trains with DDP there), one process
+otherwise. ``plan_from`` reads a saved plan instead (resuming a checkpoint: the same rank
+map, no second estimation).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..adapter_io import save_plan
+from ..adapter_io import load_plan, save_plan
 from ..config import GoRAConfig
 from ..gather import full_parameters
 from ..plan import GoRAPlan, apply_plan
@@ -60,35 +69,143 @@ def _zero3_config(args) -> Optional[dict]:
     return config
 
 
-def prepare_gora(model: nn.Module, train_dataset, config: GoRAConfig, *, args=None, data_collator=None,
-                 global_batch_size: Optional[int] = None, loss_fn=None, engine: str = "auto") -> GoRAPlan:
-    """Estimate GoRA's plan on ``train_dataset`` and apply it to ``model`` (before ``Trainer(...)``).
+def _fsdp_version(args, accelerator) -> Optional[int]:
+    """1 or 2 when the run shards with FSDP (TrainingArguments ``fsdp``/``fsdp_config``, an
+    Accelerator's FSDP plugin, or ``accelerate launch``'s environment), else None."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
+    if plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1))
+    if args is not None and getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
 
-    args: the TrainingArguments (batch size and DeepSpeed config come from them). The global batch
-    is ``per_device_train_batch_size × world size`` unless ``global_batch_size`` is given.
-    """
+
+def _on_cpu(args, accelerator) -> bool:
+    """accelerate enables FSDP for accelerator devices only (a CPU run is MULTI_CPU, wrapped in DDP)."""
+    device = getattr(accelerator, "device", None) if accelerator is not None else getattr(args, "device", None)
+    return device is not None and torch.device(device).type == "cpu"
+
+
+def _fsdp2_policy(args, accelerator):
+    """FSDP2's mixed precision for the run: bf16/fp16 compute with float32 reduction when asked for."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecisionPolicy):
+        return policy
+    mixed = getattr(accelerator, "mixed_precision", None) if accelerator is not None else None
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    if half is None and args is not None:
+        half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+
+
+def _shard_fsdp2(model: nn.Module, args, accelerator) -> None:
+    """fully_shard the blocks, the embeddings and the root as the run's FSDP2 would (unless the
+    model is sharded already)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from ..engines.fsdp2 import default_shard_modules
+
+    settings = {"mp_policy": _fsdp2_policy(args, accelerator)}  # what accelerate would pass
+    config = (getattr(args, "fsdp_config", None) or {}) if args is not None else {}
+    if "reshard_after_forward" in config:
+        settings["reshard_after_forward"] = bool(config["reshard_after_forward"])
+    if not isinstance(model, FSDPModule):
+        for group in default_shard_modules(model):
+            fully_shard(group, **settings)
+        fully_shard(model, **settings)
+
+
+def _estimate(model, train_dataset, config: GoRAConfig, *, args, accelerator, data_collator, global_batch_size,
+              loss_fn, engine: str, plan_from: Optional[str]) -> GoRAPlan:
+    """The plan estimated under the run's engine, or read from ``plan_from``; the model is left
+    sharded as the engine holds it."""
     from ..distributed import estimate_plan
 
+    rank, world = _rank_world()
+    extra = {}
+    if engine == "auto":
+        ds_config = _zero3_config(args)
+        version = _fsdp_version(args, accelerator)
+        if ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters()):
+            engine, extra = "zero3", {"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}
+        elif version is not None and world > 1 and _on_cpu(args, accelerator):
+            warnings.warn("FSDP was asked for on the CPU, where accelerate trains with DDP instead: GoRA estimates "
+                          "with DDP as well (every rank holds the whole model and its target gradients)", stacklevel=3)
+            engine = "ddp"
+        elif version == 2 and world > 1:
+            engine = "fsdp2"
+        elif version == 1 and world > 1:
+            warnings.warn("FSDP1 run: GoRA estimates with DDP (every rank holds the whole model and its target "
+                          "gradients during the gradient steps); use FSDP2 (fsdp_config={'version': 2}) to shard it",
+                          stacklevel=3)
+            engine = "ddp"
+        else:
+            engine = "ddp" if world > 1 else "local"
+    if engine == "fsdp2":
+        _shard_fsdp2(model, args, accelerator)
+    if plan_from is not None:
+        plan = load_plan(plan_from)
+        if plan.report.config.target_modules != config.target_modules:
+            raise ValueError(f"plan_from={plan_from}: its plan targets {plan.report.config.target_modules}, "
+                             f"this run's config {config.target_modules}")
+        return plan
     collator = data_collator
     if collator is None:
         from transformers import default_data_collator
 
         collator = default_data_collator
-    rank, world = _rank_world()
     per_device = getattr(args, "per_device_train_batch_size", 8) if args is not None else 8
     global_batch = global_batch_size or per_device * world
-    extra = {}
-    if engine == "auto":
-        ds_config = _zero3_config(args)
-        if ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters()):
-            engine, extra = "zero3", {"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}
-        else:
-            engine = "ddp" if world > 1 else "local"
     seed = getattr(args, "seed", config.seed) if args is not None else config.seed
     batches = _rank_batches(train_dataset, collator, global_batch, config.grad_steps, seed)
-    plan = estimate_plan(model, batches, config, engine=engine, loss_fn=loss_fn, **extra)
+    return estimate_plan(model, batches, config, engine=engine, loss_fn=loss_fn, **extra)
+
+
+def prepare_gora(model: nn.Module, train_dataset, config: GoRAConfig, *, args=None, data_collator=None,
+                 global_batch_size: Optional[int] = None, loss_fn=None, engine: str = "auto", accelerator=None,
+                 plan_from: Optional[str] = None) -> GoRAPlan:
+    """Estimate GoRA's plan on ``train_dataset`` and put GoRA's layers into ``model`` (before
+    ``Trainer(...)`` or ``accelerator.prepare``); returns the plan.
+
+    args: the TrainingArguments (batch size, seed, DeepSpeed/FSDP settings come from them);
+    accelerator: an Accelerator, for accelerate loops. The global batch is
+    ``per_device_train_batch_size × world size`` unless ``global_batch_size`` is given. engine:
+    ``auto`` (the run's, see the module docstring), or ``zero3``/``fsdp2``/``ddp``/``local``.
+    plan_from: an adapter folder with its gora.json (a checkpoint's ``gora_adapter``) to resume from.
+    """
+    plan = _estimate(model, train_dataset, config, args=args, accelerator=accelerator, data_collator=data_collator,
+                     global_batch_size=global_batch_size, loss_fn=loss_fn, engine=engine, plan_from=plan_from)
     apply_plan(model, plan)
     return plan
+
+
+def prepare_gora_peft(model: nn.Module, train_dataset, config: GoRAConfig, *, args=None, data_collator=None,
+                      global_batch_size: Optional[int] = None, loss_fn=None, engine: str = "auto", accelerator=None,
+                      plan_from: Optional[str] = None, adapter_name: str = "default"):
+    """As :func:`prepare_gora`, but returns ``(peft_model, plan)``: a PEFT LoRA model holding the plan
+    (``gora_dist.to_peft``), for the trainers' PEFT support (adapter-only checkpoints, TRL).
+
+    Under FSDP2 the adapters stay replicated beside the weight shards, their gradients averaged at
+    each backward, which suits your own loop (``engine="fsdp2"``). A Trainer or accelerate run that
+    asks for FSDP2 itself is refused: accelerate would shard the PEFT wrapper a second time (it takes
+    a model as it is only when the model is ``fully_shard``-ed at the top); use :func:`prepare_gora`,
+    whose model accelerate takes as it is.
+    """
+    from ..peft_model import to_peft
+
+    if engine == "auto" and _fsdp_version(args, accelerator) == 2 and _rank_world()[1] > 1 \
+            and not _on_cpu(args, accelerator):
+        raise ValueError("prepare_gora_peft under a Trainer/accelerate FSDP2 run: accelerate would shard the PEFT "
+                         "model a second time; use prepare_gora (GoRA's layers) there, or engine='fsdp2' with your "
+                         "own training loop")
+    plan = _estimate(model, train_dataset, config, args=args, accelerator=accelerator, data_collator=data_collator,
+                     global_batch_size=global_batch_size, loss_fn=loss_fn, engine=engine, plan_from=plan_from)
+    return to_peft(model, plan, adapter_name=adapter_name), plan
 
 
 def gather_adapters(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,224 @@
+"""One rank of the training-code integration tests (tests/test_trainer_integration.py), at world 2.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/dist/trainer_worker.py zero3 OUT
+    torchrun --nproc_per_node 2 tests/dist/trainer_worker.py torchrun OUT
+
+zero3: the Trainer under DeepSpeed ZeRO-3 with GoRA's layers (a checkpoint at step 4), the same run
+resumed from that checkpoint with its saved plan, then TRL's SFTTrainer under ZeRO-3 with the plan as
+a PEFT model. torchrun: an accelerate loop (DDP on the CPU) with a PEFT model, a Trainer asked for
+FSDP2 on the CPU (accelerate runs DDP there: GoRA estimates with DDP and says so), and FSDP2 with
+the PEFT model in a plain loop. Each scenario writes OUT/<scenario>/rank<R>.json.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny_llama  # noqa: E402
+
+from gora_dist import GoRAConfig  # noqa: E402
+from gora_dist.integrations import GoRAAdapterSaver, prepare_gora, prepare_gora_peft  # noqa: E402
+
+CONFIG = GoRAConfig(grad_steps=4, target_modules=["q_proj", "v_proj", "o_proj"], seed=0)  # seed: batches and A0 alike
+PER_DEVICE, STEPS = 4, 8
+DS_CONFIG = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+             "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+
+
+def token_dataset():
+    """64 sequences that repeat a short pattern (tests/test_trainer_integration.py's data)."""
+    from test_trainer_integration import TokenDataset
+
+    return TokenDataset()
+
+
+def training_args(out, **extra):
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=PER_DEVICE, max_steps=STEPS, learning_rate=5e-3, save_steps=4,
+        logging_steps=1, report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant", **extra)
+
+
+def base_unchanged(model) -> bool:
+    """Every non-adapter weight equals the freshly built model's (gathered when partitioned)."""
+    reference = dict(tiny_llama().named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            return all(torch.equal(p.detach(), reference[plain_name(n)]) for n, p in named)
+    return all(torch.equal((p.full_tensor() if hasattr(p, "full_tensor") else p).detach(), reference[plain_name(n)])
+               for n, p in named)
+
+
+def plain_name(name: str) -> str:
+    name = name.removeprefix("module.").removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".").replace(".base.", ".")
+
+
+def adapter_checksum(model) -> float:
+    return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum())
+               for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def write(out, scenario, **facts):
+    folder = os.path.join(out, scenario)
+    os.makedirs(folder, exist_ok=True)
+    facts.update(rank=dist.get_rank())
+    with open(os.path.join(folder, f"rank{dist.get_rank()}.json"), "w") as handle:
+        json.dump(facts, handle)
+
+
+def plan_facts(plan):
+    return {"rank_map": plan.rank_map, "held_elements": plan.report.accumulator_elements,
+            "target_elements": sum(layer.shape[0] * layer.shape[1] for layer in plan.report.layers.values()),
+            "lora_a": {n: a.tolist() for n, a in plan.lora_a.items()}, "lora_b": {n: b.tolist() for n, b in plan.lora_b.items()}}
+
+
+def next_run(trainer):
+    """Let a second DeepSpeed Trainer start in this process (accelerate allows one DeepSpeed
+    Accelerator per process; resetting its shared state is how accelerate's own tests do it)."""
+    from accelerate.state import AcceleratorState
+
+    trainer.accelerator.free_memory()
+    AcceleratorState._reset_state()
+
+
+def losses_of(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def zero3_scenarios(out):
+    import transformers
+
+    folder = os.path.join(out, "model")
+    if dist.get_rank() == 0:
+        tiny_llama().save_pretrained(folder)
+    dist.barrier()
+
+    # Trainer + ZeRO-3, GoRA's layers; the arguments come first so from_pretrained loads partitioned
+    args = training_args(os.path.join(out, "trainer"), deepspeed=DS_CONFIG)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    dataset = token_dataset()
+    plan = prepare_gora(model, dataset, CONFIG, args=args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(plan)])
+    trainer.train()
+    write(out, "trainer_zero3", partitioned=partitioned, losses=losses_of(trainer), base_unchanged=base_unchanged(model),
+          **plan_facts(plan))
+    next_run(trainer)
+    del trainer, model
+
+    # the same run resumed from its step-4 checkpoint: the saved plan, not a second estimation
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    checkpoint = os.path.join(out, "trainer", "checkpoint-4")
+    resumed_plan = prepare_gora(model, dataset, CONFIG, args=args, plan_from=os.path.join(checkpoint, "gora_adapter"))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(resumed_plan)])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    write(out, "resumed_zero3", rank_map=resumed_plan.rank_map, losses=losses_of(trainer))
+    next_run(trainer)
+    del trainer, model
+
+    # TRL's SFTTrainer + ZeRO-3 with the plan as a PEFT model
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from gora_dist.launcher.tokenizer import character_tokenizer
+
+    sft_args = SFTConfig(output_dir=os.path.join(out, "trl"), per_device_train_batch_size=PER_DEVICE, max_steps=STEPS,
+                         learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no",
+                         lr_scheduler_type="constant", deepspeed=DS_CONFIG)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    records = datasets.Dataset.from_list([{"input_ids": item["input_ids"].tolist()} for item in dataset])
+    model, peft_plan = prepare_gora_peft(model, dataset, CONFIG, args=sft_args)
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=records,
+                         processing_class=character_tokenizer("{{ messages }}"))
+    trainer.train()
+    write(out, "trl_zero3", losses=losses_of(trainer), base_unchanged=base_unchanged(model),
+          is_peft=type(trainer.model).__name__, **plan_facts(peft_plan))
+    trainer.accelerator.free_memory()
+
+
+def torchrun_scenarios(out):
+    import transformers
+    from accelerate import Accelerator
+
+    dataset = token_dataset()
+
+    # an accelerate loop (DDP on the CPU) with the plan as a PEFT model
+    accelerator = Accelerator(cpu=True)
+    model, plan = prepare_gora_peft(tiny_llama(), dataset, CONFIG, accelerator=accelerator,
+                                    global_batch_size=PER_DEVICE * dist.get_world_size())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=PER_DEVICE, shuffle=False)
+    runner, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    losses = []
+    runner.train()
+    for _, batch in zip(range(STEPS), loader):
+        loss = runner(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(runner).save_pretrained(os.path.join(out, "accelerate", "peft_adapter"))
+    write(out, "accelerate_ddp", losses=losses, base_unchanged=base_unchanged(runner),
+          checksum=adapter_checksum(runner), **plan_facts(plan))
+
+    # a Trainer asked for FSDP2 on the CPU: accelerate runs DDP there, so GoRA estimates with DDP
+    args = training_args(os.path.join(out, "trainer"), fsdp=True, fsdp_config={"version": 2})
+    model = tiny_llama()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = prepare_gora(model, dataset, CONFIG, args=args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    write(out, "trainer_fsdp_on_cpu", losses=losses_of(trainer), warnings=[str(w.message) for w in caught],
+          **plan_facts(plan))
+
+    # FSDP2 in a plain loop with the PEFT model: adapters replicated beside the weight shards
+    model, plan = prepare_gora_peft(tiny_llama(), dataset, CONFIG, engine="fsdp2",
+                                    global_batch_size=PER_DEVICE * dist.get_world_size())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    sharded_weights = all(hasattr(p, "device_mesh") for n, p in model.named_parameters() if ".lora_" not in n)
+    losses = []
+    model.train()
+    for step in range(STEPS):
+        index = (step * dist.get_world_size() + dist.get_rank()) * PER_DEVICE % len(dataset)
+        batch = torch.utils.data.default_collate([dataset[i] for i in range(index, index + PER_DEVICE)])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    write(out, "peft_fsdp2", losses=losses, base_unchanged=base_unchanged(model), sharded_weights=sharded_weights,
+          checksum=adapter_checksum(model), **plan_facts(plan))
+
+
+def main():
+    scenario, out = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # deepspeed adds it first
+    if scenario == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        zero3_scenarios(out)
+    else:
+        dist.init_process_group("gloo")
+        torchrun_scenarios(out)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as tests/dist/worker.py: no gloo teardown race at interpreter exit
+
+
+if __name__ == "__main__":
+    main()
