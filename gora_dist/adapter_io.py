@@ -217,6 +217,23 @@ def _read_json(path: str) -> dict:
         return json.load(handle)
 
 
+def _saved_weights(path: str, rank_map: Dict[str, int]):
+    """({name: (A, B)}, {"<module>.<param>": tensor} of modules_to_save) from an adapter folder; a
+    layer of the rank map without both tensors is named."""
+    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    weights = {}
+    for name, rank in rank_map.items():
+        if rank == 0:
+            continue
+        keys = (f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight")
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise ValueError(f"{name}: {WEIGHTS_FILE} in {path} lacks {missing}")
+        weights[name] = (tensors[keys[0]], tensors[keys[1]])
+    saved_state = {key[len(PEFT_PREFIX):]: value for key, value in tensors.items() if ".lora_" not in key}
+    return weights, saved_state
+
+
 def load_plan(path: str):
     """The ``GoRAPlan`` an adapter folder holds (written by ``save_plan`` or by ``save_adapter`` with
     its report): the rank map, the config, and the saved A/B (the initial ones, or trained ones from a
@@ -227,18 +244,9 @@ def load_plan(path: str):
     if "layers" not in gora or "config" not in gora:
         raise ValueError(f"{os.path.join(path, GORA_FILE)} has no report (layers, config): it was saved without one, "
                          "so there is no plan to read back; use load_adapter")
-    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
-    lora_a, lora_b = {}, {}
-    for name, rank in gora["rank_map"].items():
-        if rank == 0:
-            continue
-        keys = (f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight")
-        missing = [key for key in keys if key not in tensors]
-        if missing:
-            raise ValueError(f"{name}: {os.path.join(path, WEIGHTS_FILE)} lacks {missing}")
-        lora_a[name], lora_b[name] = tensors[keys[0]].float(), tensors[keys[1]].float()
-    saved_state = {key[len(PEFT_PREFIX):]: value for key, value in tensors.items() if ".lora_" not in key}
-    return GoRAPlan(GoRAReport.from_dict(gora), lora_a, lora_b, saved_state)
+    weights, saved_state = _saved_weights(path, gora["rank_map"])
+    return GoRAPlan(GoRAReport.from_dict(gora), {name: a.float() for name, (a, _) in weights.items()},
+                    {name: b.float() for name, (_, b) in weights.items()}, saved_state)
 
 
 def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:
@@ -251,18 +259,8 @@ def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:
     if gora.get("export") != "peft":
         raise ValueError(f"{path} holds a {gora.get('export')!r} export; load_adapter reads the PEFT export of save_adapter")
     peft_config = _read_json(os.path.join(path, CONFIG_FILE))
-    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
-    weights = {}
-    for name, rank in gora["rank_map"].items():
-        if rank == 0:
-            continue
-        keys = (f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight")
-        missing = [key for key in keys if key not in tensors]
-        if missing:
-            raise ValueError(f"{name}: {WEIGHTS_FILE} lacks {missing}")
-        weights[name] = (tensors[keys[0]], tensors[keys[1]])
+    weights, saved_state = _saved_weights(path, gora["rank_map"])
     modules_to_save = peft_config.get("modules_to_save") or ()
-    saved_state = {key[len(PEFT_PREFIX):]: value for key, value in tensors.items() if ".lora_" not in key}
     install_adapters(model, weights, alpha=peft_config["lora_alpha"], use_rslora=peft_config.get("use_rslora", False),
                      dropout=peft_config.get("lora_dropout", 0.0), modules_to_save=modules_to_save,
                      saved_state=saved_state)
