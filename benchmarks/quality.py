@@ -70,7 +70,7 @@ class Setting:
 
 
 TIMING = dict(steps=60, test_examples=200, lr_grid=(1e-3,), seeds=(0,))
-QUICK = dict(train_examples=192, val_examples=64, test_examples=128, steps=12, grad_steps=2,
+QUICK = dict(train_examples=192, val_examples=64, test_examples=64, steps=6, grad_steps=2,
              lr_grid=(1e-3,), seeds=(0,))
 
 

@@ -113,7 +113,8 @@ def main():
         save_plan(plan, os.path.join(out_dir, "plan"), model)
 
     facts["losses"], facts["base_unchanged"], facts["adapter_checksum"] = train(engine, model, plan, rank, world)
-    if engine in ("fsdp2", "zero3") and mode == "ok":  # the same plan through to_peft on a fresh sharded model
+    if engine == "fsdp2" and mode == "ok":  # the same plan through to_peft on a fresh sharded model
+        # (ZeRO-3: tests/test_trainer_integration.py's TRL run, which costs no extra spawn)
         facts["peft_losses"], facts["peft_base_unchanged"], facts["peft_checksum"] = train(
             engine, sharded_model(engine), plan, rank, world, install=gora_dist.to_peft)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
