@@ -34,6 +34,7 @@ from ..adapter_io import load_plan, save_plan
 from ..config import GoRAConfig
 from ..gather import full_parameters
 from ..plan import GoRAPlan, apply_plan
+from .run_engine import fsdp_version, on_cpu, shard_fsdp2, zero3_config
 
 
 def _rank_world() -> Tuple[int, int]:
@@ -56,84 +57,20 @@ def _rank_batches(dataset, collator, global_batch: int, steps: int, seed: int):
         yield collator([dataset[i] for i in chunk])
 
 
-def _zero3_config(args) -> Optional[dict]:
-    """The HF DeepSpeed config when the run uses ZeRO-3 (the model is then loaded partitioned)."""
-    hf_config = getattr(args, "hf_deepspeed_config", None) if args is not None else None
-    if hf_config is None or not hf_config.is_zero3():
-        return None
-    config = {key: value for key, value in hf_config.config.items() if value != "auto"}
-    config["zero_optimization"] = {k: v for k, v in hf_config.config.get("zero_optimization", {}).items() if v != "auto"}
-    for precision in ("bf16", "fp16"):
-        if isinstance(config.get(precision), dict):
-            config[precision] = {k: v for k, v in config[precision].items() if v != "auto"}
-    return config
-
-
-def _fsdp_version(args, accelerator) -> Optional[int]:
-    """1 or 2 when the run shards with FSDP (TrainingArguments ``fsdp``/``fsdp_config``, an
-    Accelerator's FSDP plugin, or ``accelerate launch``'s environment), else None."""
-    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
-    if plugin is not None:
-        return int(getattr(plugin, "fsdp_version", 1))
-    if args is not None and getattr(args, "fsdp", None):
-        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        return int(os.environ.get("FSDP_VERSION", "1"))
-    return None
-
-
-def _on_cpu(args, accelerator) -> bool:
-    """accelerate enables FSDP for accelerator devices only (a CPU run is MULTI_CPU, wrapped in DDP)."""
-    device = getattr(accelerator, "device", None) if accelerator is not None else getattr(args, "device", None)
-    return device is not None and torch.device(device).type == "cpu"
-
-
-def _fsdp2_policy(args, accelerator):
-    """FSDP2's mixed precision for the run: bf16/fp16 compute with float32 reduction when asked for."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
-    policy = getattr(plugin, "mixed_precision_policy", None)
-    if isinstance(policy, MixedPrecisionPolicy):
-        return policy
-    mixed = getattr(accelerator, "mixed_precision", None) if accelerator is not None else None
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
-    if half is None and args is not None:
-        half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
-    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
-
-
-def _shard_fsdp2(model: nn.Module, args, accelerator) -> None:
-    """fully_shard the blocks, the embeddings and the root as the run's FSDP2 would (unless the
-    model is sharded already)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    from ..engines.fsdp2 import default_shard_modules
-
-    settings = {"mp_policy": _fsdp2_policy(args, accelerator)}  # what accelerate would pass
-    config = (getattr(args, "fsdp_config", None) or {}) if args is not None else {}
-    if "reshard_after_forward" in config:
-        settings["reshard_after_forward"] = bool(config["reshard_after_forward"])
-    if not isinstance(model, FSDPModule):
-        for group in default_shard_modules(model):
-            fully_shard(group, **settings)
-        fully_shard(model, **settings)
-
-
 def _estimate(model, train_dataset, config: GoRAConfig, *, args, accelerator, data_collator, global_batch_size,
               loss_fn, engine: str, plan_from: Optional[str]) -> GoRAPlan:
     """The plan estimated under the run's engine, or read from ``plan_from``; the model is left
     sharded as the engine holds it."""
     from ..distributed import estimate_plan
 
-    rank, world = _rank_world()
+    world = _rank_world()[1]
     extra = {}
     if engine == "auto":
-        ds_config = _zero3_config(args)
-        version = _fsdp_version(args, accelerator)
+        ds_config = zero3_config(args)
+        version = fsdp_version(args, accelerator)
         if ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters()):
             engine, extra = "zero3", {"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}
-        elif version is not None and world > 1 and _on_cpu(args, accelerator):
+        elif version is not None and world > 1 and on_cpu(args, accelerator):
             warnings.warn("FSDP was asked for on the CPU, where accelerate trains with DDP instead: GoRA estimates "
                           "with DDP as well (every rank holds the whole model and its target gradients)", stacklevel=3)
             engine = "ddp"
@@ -147,7 +84,7 @@ def _estimate(model, train_dataset, config: GoRAConfig, *, args, accelerator, da
         else:
             engine = "ddp" if world > 1 else "local"
     if engine == "fsdp2":
-        _shard_fsdp2(model, args, accelerator)
+        shard_fsdp2(model, args, accelerator)
     if plan_from is not None:
         plan = load_plan(plan_from)
         if plan.report.config.target_modules != config.target_modules:
@@ -198,8 +135,8 @@ def prepare_gora_peft(model: nn.Module, train_dataset, config: GoRAConfig, *, ar
     """
     from ..peft_model import to_peft
 
-    if engine == "auto" and _fsdp_version(args, accelerator) == 2 and _rank_world()[1] > 1 \
-            and not _on_cpu(args, accelerator):
+    if engine == "auto" and fsdp_version(args, accelerator) == 2 and _rank_world()[1] > 1 \
+            and not on_cpu(args, accelerator):
         raise ValueError("prepare_gora_peft under a Trainer/accelerate FSDP2 run: accelerate would shard the PEFT "
                          "model a second time; use prepare_gora (GoRA's layers) there, or engine='fsdp2' with your "
                          "own training loop")

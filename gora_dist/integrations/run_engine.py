@@ -1,0 +1,75 @@
+"""Which engine a Trainer / accelerate run trains with, read from its arguments, its Accelerator or
+accelerate's environment, and the FSDP2 sharding it would apply: so GoRA estimates on the model as
+that engine will hold it."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+def zero3_config(args) -> Optional[dict]:
+    """The HF DeepSpeed config when the run uses ZeRO-3 (the model is then loaded partitioned)."""
+    hf_config = getattr(args, "hf_deepspeed_config", None) if args is not None else None
+    if hf_config is None or not hf_config.is_zero3():
+        return None
+    config = {key: value for key, value in hf_config.config.items() if value != "auto"}
+    config["zero_optimization"] = {k: v for k, v in hf_config.config.get("zero_optimization", {}).items() if v != "auto"}
+    for precision in ("bf16", "fp16"):
+        if isinstance(config.get(precision), dict):
+            config[precision] = {k: v for k, v in config[precision].items() if v != "auto"}
+    return config
+
+
+def fsdp_version(args, accelerator) -> Optional[int]:
+    """1 or 2 when the run shards with FSDP (TrainingArguments ``fsdp``/``fsdp_config``, an
+    Accelerator's FSDP plugin, or ``accelerate launch``'s environment), else None."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
+    if plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1))
+    if args is not None and getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def on_cpu(args, accelerator) -> bool:
+    """accelerate enables FSDP for accelerator devices only (a CPU run is MULTI_CPU, wrapped in DDP)."""
+    device = getattr(accelerator, "device", None) if accelerator is not None else getattr(args, "device", None)
+    return device is not None and torch.device(device).type == "cpu"
+
+
+def fsdp2_policy(args, accelerator):
+    """FSDP2's mixed precision for the run: bf16/fp16 compute with float32 reduction when asked for."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecisionPolicy):
+        return policy
+    mixed = getattr(accelerator, "mixed_precision", None) if accelerator is not None else None
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    if half is None and args is not None:
+        half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+
+
+def shard_fsdp2(model: nn.Module, args, accelerator) -> None:
+    """fully_shard the blocks, the embeddings and the root as the run's FSDP2 would (unless the
+    model is sharded already)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from ..engines.fsdp2 import default_shard_modules
+
+    settings = {"mp_policy": fsdp2_policy(args, accelerator)}  # what accelerate would pass
+    config = (getattr(args, "fsdp_config", None) or {}) if args is not None else {}
+    if "reshard_after_forward" in config:
+        settings["reshard_after_forward"] = bool(config["reshard_after_forward"])
+    if not isinstance(model, FSDPModule):
+        for group in default_shard_modules(model):
+            fully_shard(group, **settings)
+        fully_shard(model, **settings)
