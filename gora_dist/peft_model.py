@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .gather import write_full
 from .layers import GoRALinear, check_adapters_fit
-from .replicated import AveragedReplicas
+from .replicated import average_beside_shards
 
 
 def lora_config(plan, *, task_type: Optional[str] = None, inference_mode: bool = False):
@@ -80,9 +80,7 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
         module_name, param_name = key.rsplit(".", 1)
         wrapper = inner.get_submodule(module_name)
         write_full(getattr(wrapper.modules_to_save[adapter_name], param_name), value)
-    if sharding == "fsdp2":  # replicated adapters beside FSDP2's shards: average their gradients per backward
-        mesh = next(p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh"))
-        AveragedReplicas(lora_params, group=mesh.get_group())
+    average_beside_shards(model, lora_params)  # FSDP2: the replicated adapters' gradients averaged per backward
     return peft_model
 
 

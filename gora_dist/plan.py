@@ -34,7 +34,7 @@ from .importance import abs_wg_partial_sum, normalize_importance, nuclear_norm, 
 from .initialization import b0_scale, gram_cholesky, kaiming_uniform_a, projected_energy, residual_ratio, rslora_scaling, solve_b0
 from .apply_utils import free_memory_bytes, transformer_blocks
 from .gather import full_parameters, under, write_full
-from .replicated import AveragedReplicas
+from .replicated import average_beside_shards
 from .gelora import HiddenStateSampler, block_ranks, gelora_rank_map, level_dimensions
 from .layers import GoRALinear, install_adapters, saved_modules
 from .memory_trace import phase
@@ -356,10 +356,8 @@ def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
     weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
     adapters = install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout,
                                 modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
-    sharded = [m.base.weight for m in adapters.values() if hasattr(m.base.weight, "device_mesh")]
-    if sharded:  # an FSDP2 model: the new adapters are replicated, their gradients averaged per backward
-        params = [p for m in adapters.values() for p in (m.lora_A, m.lora_B)]
-        AveragedReplicas(params, group=sharded[0].device_mesh.get_group())
+    # an FSDP2 model: the new adapters are replicated, their gradients averaged per backward
+    average_beside_shards(model, [p for m in adapters.values() for p in (m.lora_A, m.lora_B)])
     return adapters
 
 

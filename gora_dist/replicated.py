@@ -6,7 +6,7 @@ micro-batch of the same accumulation is unchanged, so accumulation stays exact).
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,3 +46,10 @@ class AveragedReplicas:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def average_beside_shards(model: torch.nn.Module, params: List[torch.nn.Parameter]) -> Optional[AveragedReplicas]:
+    """When ``model`` is FSDP2-sharded (a DTensor parameter in it), average ``params`` (replicated
+    plain tensors added after ``fully_shard``) over its mesh's group once per backward; else nothing."""
+    mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
+    return None if mesh is None else AveragedReplicas(params, group=mesh.get_group())

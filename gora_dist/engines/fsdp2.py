@@ -8,7 +8,7 @@ on each target's unsharded weight (the one FSDP2 gathers for forward and backwar
 layer's gradient as autograd produces it, reduce-scatters it in float32 to this rank's rows, hands
 them over and frees it, so FSDP2 finds nothing to reduce: one layer's gradient in flight at a time,
 as under ZeRO-3. Letting FSDP2 accumulate the N steps instead would hold the same 1/world in the
-parameter dtype (bfloat16 for a bfloat16 model: N additions rounded to 8 bits of mantissa) and
+parameter dtype (bfloat16 for a bfloat16 model: N additions each rounded to 8 significant bits) and
 save nothing.
 """
 
@@ -39,7 +39,7 @@ def default_shard_modules(model: nn.Module) -> list:
     """
     groups = list(transformer_blocks(model).values())
     inside_blocks = {id(module) for block in groups for module in block.modules()}  # BERT: embeddings are a block
-    embeddings = [module for module in map(_embedding, ("get_input_embeddings", "get_output_embeddings"), [model] * 2)
+    embeddings = [module for module in (_embedding(model, "get_input_embeddings"), _embedding(model, "get_output_embeddings"))
                   if isinstance(getattr(module, "weight", None), nn.Parameter) and id(module) not in inside_blocks]
     if len(embeddings) == 2 and embeddings[0].weight is embeddings[1].weight:
         groups.append(embeddings)
@@ -48,11 +48,21 @@ def default_shard_modules(model: nn.Module) -> list:
     return groups
 
 
-def _embedding(getter: str, model: nn.Module):
+def _embedding(model: nn.Module, getter: str):
     try:
         return getattr(model, getter)()
     except (AttributeError, NotImplementedError):  # not a transformers model, or one without the getter
         return None
+
+
+def fully_shard_model(model: nn.Module, groups: Optional[Iterable] = None, **fsdp_kwargs) -> None:
+    """``fully_shard`` each group (default: :func:`default_shard_modules`), then the root, with the same
+    arguments (``mesh``, ``mp_policy``, ``reshard_after_forward``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for group in (default_shard_modules(model) if groups is None else groups):
+        fully_shard(group, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
 
 
 class FSDP2Engine:
@@ -69,7 +79,7 @@ class FSDP2Engine:
     def __init__(self, model: nn.Module, target_modules, *, mesh=None,
                  shard_modules: Optional[Iterable[nn.Module]] = None, **fsdp_kwargs) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule
 
         self.model = model
         self.targets = find_target_modules(model, target_modules)
@@ -83,9 +93,7 @@ class FSDP2Engine:
             self.mesh = mesh or next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
         else:
             self.mesh = mesh or init_device_mesh(self.device.type, (dist.get_world_size(),))
-            for module in (default_shard_modules(model) if shard_modules is None else shard_modules):
-                fully_shard(module, mesh=self.mesh, **fsdp_kwargs)
-            fully_shard(model, mesh=self.mesh, **fsdp_kwargs)
+            fully_shard_model(model, shard_modules, mesh=self.mesh, **fsdp_kwargs)
         self._shards = {name: self._row_shard(name, module.weight) for name, module in self.targets.items()}
         self._add = None
         self._missed = set()

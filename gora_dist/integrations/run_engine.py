@@ -61,15 +61,13 @@ def fsdp2_policy(args, accelerator):
 def shard_fsdp2(model: nn.Module, args, accelerator) -> None:
     """fully_shard the blocks, the embeddings and the root as the run's FSDP2 would (unless the
     model is sharded already)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
-    from ..engines.fsdp2 import default_shard_modules
+    from ..engines.fsdp2 import fully_shard_model
 
     settings = {"mp_policy": fsdp2_policy(args, accelerator)}  # what accelerate would pass
     config = (getattr(args, "fsdp_config", None) or {}) if args is not None else {}
     if "reshard_after_forward" in config:
         settings["reshard_after_forward"] = bool(config["reshard_after_forward"])
     if not isinstance(model, FSDPModule):
-        for group in default_shard_modules(model):
-            fully_shard(group, **settings)
-        fully_shard(model, **settings)
+        fully_shard_model(model, **settings)

@@ -173,14 +173,9 @@ def _fsdp2_policy(config: TrainConfig):
 def _shard_fsdp2(model, config: TrainConfig) -> None:
     """fully_shard each transformer block and the embeddings, then the root (estimation and training
     share this model)."""
-    from torch.distributed.fsdp import fully_shard
+    from ..engines.fsdp2 import fully_shard_model
 
-    from ..engines.fsdp2 import default_shard_modules
-
-    policy = _fsdp2_policy(config)
-    for group in default_shard_modules(model):
-        fully_shard(group, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard_model(model, mp_policy=_fsdp2_policy(config))
 
 
 def _load(config: TrainConfig, task: Task, setup: Setup, zero3_config: Optional[dict] = None):

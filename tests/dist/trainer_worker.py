@@ -21,6 +21,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny_llama  # noqa: E402
 
+from worker import adapter_checksum, base_name  # noqa: E402  (beside this file)
+
 from gora_dist import GoRAConfig  # noqa: E402
 from gora_dist.integrations import GoRAAdapterSaver, prepare_gora, prepare_gora_peft  # noqa: E402
 
@@ -54,19 +56,9 @@ def base_unchanged(model) -> bool:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(partitioned):
-            return all(torch.equal(p.detach(), reference[plain_name(n)]) for n, p in named)
-    return all(torch.equal((p.full_tensor() if hasattr(p, "full_tensor") else p).detach(), reference[plain_name(n)])
+            return all(torch.equal(p.detach(), reference[base_name(n)]) for n, p in named)
+    return all(torch.equal((p.full_tensor() if hasattr(p, "full_tensor") else p).detach(), reference[base_name(n)])
                for n, p in named)
-
-
-def plain_name(name: str) -> str:
-    name = name.removeprefix("module.").removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".").replace(".base.", ".")
-
-
-def adapter_checksum(model) -> float:
-    return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum())
-               for n, p in model.named_parameters() if ".lora_" in n)
 
 
 def write(out, scenario, **facts):

@@ -129,8 +129,15 @@ def main():
 
 
 def base_name(name):
-    """The plain model's name of a base parameter under GoRA's layers or PEFT's."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".base.", ".")
+    """The plain model's name of a base parameter under GoRA's layers or PEFT's (and DDP's wrapper)."""
+    name = name.removeprefix("module.").removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".").replace(".base.", ".")
+
+
+def adapter_checksum(model) -> float:
+    """The sum of every adapter element (gathered when FSDP2 shards them), to compare replicas."""
+    return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum())
+               for n, p in model.named_parameters() if ".lora_" in n)
 
 
 def gora_layers(model, plan):
@@ -184,8 +191,7 @@ def train(engine, model, plan, rank, world, steps=5, install=gora_layers):
     state = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
     unchanged = all(torch.equal(p.detach(), reference.get_parameter(base_name(n)))
                     for n, p in state.items() if ".lora_" not in n)
-    checksum = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if ".lora_" in n)
-    return losses, unchanged, checksum
+    return losses, unchanged, adapter_checksum(model)
 
 
 def sharded_model(engine):
@@ -196,13 +202,9 @@ def sharded_model(engine):
 
         deepspeed.zero.Init(module=model, config_dict_or_path={**DS_CONFIG, "train_micro_batch_size_per_gpu": 1})
     else:
-        from torch.distributed.fsdp import fully_shard
+        from gora_dist.engines.fsdp2 import fully_shard_model
 
-        from gora_dist.engines.fsdp2 import default_shard_modules
-
-        for group in default_shard_modules(model):
-            fully_shard(group)
-        fully_shard(model)
+        fully_shard_model(model)
     return model
 
 
