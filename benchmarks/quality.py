@@ -25,23 +25,21 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
 
-from gora_dist import GoRAConfig, apply_gora
-from gora_dist.layers import gora_modules
 from gora_dist.launcher.data import global_batch_indices, split_examples
 from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder
-from provenance import git_commit, git_dirty  # noqa: E402
+from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
+from protocol import RunLog, best_rate, environment, mean_std, plot_mean_curves, warmup_cosine  # noqa: E402
 
 # every linear layer of the encoder blocks (the pooler is left out: its input has no token axis,
 # which EVA's default input handling needs)
@@ -74,94 +72,17 @@ QUICK = dict(train_examples=192, val_examples=64, test_examples=64, steps=6, gra
              lr_grid=(1e-3,), seeds=(0,))
 
 
-# ── methods: each turns the loaded model into the model to train, using the estimation batches ──
-
-def _peft_config(**options):
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
-                      **options)
-
-
-def _peft(**options) -> Callable:
-    def prepare(model, batches, seed):
-        from peft import get_peft_model
-
-        return get_peft_model(model, _peft_config(**options))
-    return prepare
-
-
-def _lora_ga(model, batches, seed):
-    from peft import LoraGAConfig, get_peft_model
-    from peft.tuners.lora.loraga import preprocess_loraga
-
-    config = _peft_config(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
-
-    def train_step():
-        for batch in batches:
-            with torch.enable_grad():
-                model(**batch).loss.backward()
-
-    preprocess_loraga(model, config, train_step)
-    return get_peft_model(model, config)
-
-
-def _eva(model, batches, seed):
-    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
-
-    # labels are class ids here, not token labels: mask padding only
-    config = _peft_config(init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, use_label_mask=False))
-    peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
-    initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
-    return peft_model
-
-
-def _gora(**options) -> Callable:
-    def prepare(model, batches, seed):
-        settings = dict(target_modules=TARGETS, rank_ref=RANK, rank_min=4, rank_max=32, alpha=ALPHA, gamma=GAMMA,
-                        fit_budget=True,
-                        grad_steps=len(batches), seed=seed, modules_to_save=[HEAD])
-        settings.update(options)
-        apply_gora(model, batches, GoRAConfig(**settings))
-        return model
-    return prepare
-
-
-def _full(model, batches, seed):
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
-
-
-METHODS: Dict[str, Callable] = {
-    "LoRA": _peft(),
-    "rsLoRA": _peft(use_rslora=True),
-    "PiSSA": _peft(init_lora_weights="pissa"),
-    "LoRA-GA": _lora_ga,
-    "EVA": _eva,
-    "full FT": _full,
-    "GoRA": _gora(),
-    "GoRA γ=0": _gora(gamma=0.0),
-    "GoRA fixed ranks": _gora(rank_min=RANK, rank_max=RANK),
-    "GeLoRA ranks (GoRA init)": _gora(allocator="gelora", gelora_scale_to_budget=True),
-}
+METHODS = methods(MethodSetting(targets=TARGETS, task_type="SEQ_CLS", rank=RANK, alpha=ALPHA, gamma=GAMMA,
+                                modules_to_save=[HEAD]),
+                  ["LoRA", "rsLoRA", "PiSSA", "LoRA-GA", "EVA", "full FT", "GoRA", "GoRA γ=0", "GoRA fixed ranks",
+                   "GeLoRA ranks (GoRA init)"])
 
 
 # ── one run ──
 
-def adapter_ranks(model: nn.Module) -> Dict[str, int]:
-    """{layer name: rank} from GoRA's modules or PEFT's LoRA layers (EVA redistributes ranks too)."""
-    ranks = {name: module.rank for name, module in gora_modules(model)}
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
-            ranks[name.replace("base_model.model.", "")] = lora_a["default"].out_features
-    return ranks
-
-
 def adapter_parameters(model: nn.Module) -> int:
     """Trainable parameters of the adapters alone (the head, trained by every method, excluded)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and HEAD not in n)
+    return trainable_parameters(model, exclude=HEAD)
 
 
 def fresh_model(base: nn.Module, seed: int) -> nn.Module:
@@ -185,15 +106,6 @@ def accuracy(model: nn.Module, encoder, examples, chunk: int = 128) -> float:
     return correct / len(examples)
 
 
-def lr_factor(step: int, setting: Setting) -> float:
-    """Linear warm-up, then cosine decay to 0 (the same for every method)."""
-    warmup = max(1, round(setting.warmup_fraction * setting.steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, setting.steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def run_one(method: str, lr: float, seed: int, base, encoder, train, evaluation, setting: Setting) -> dict:
     torch.manual_seed(seed)
     model = fresh_model(base, seed)
@@ -205,7 +117,8 @@ def run_one(method: str, lr: float, seed: int, base, encoder, train, evaluation,
     init_s = time.perf_counter() - started
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, setting))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, setting.steps, setting.warmup_fraction))
     early_step = max(1, round(setting.early_fraction * setting.steps))
     losses, early = [], None
     started = time.perf_counter()
@@ -247,19 +160,9 @@ def kind_of(layer: str) -> str:
 
 def best_rates(tuning: List[dict]) -> Dict[str, float]:
     """Per method, the rate with the highest final validation accuracy (ties: the smaller rate)."""
-    best = {}
-    for row in sorted(tuning, key=lambda r: r["lr"]):
-        score = -1.0 if row["diverged"] or math.isnan(row["final_accuracy"]) else row["final_accuracy"]
-        if row["method"] not in best or score > best[row["method"]][1]:
-            best[row["method"]] = (row["lr"], score)
-    return {method: lr for method, (lr, _) in best.items()}
-
-
-def mean_std(values: Sequence[float]) -> tuple:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    score = lambda row: float("nan") if row["diverged"] else row["final_accuracy"]  # noqa: E731
+    return {method: best_rate([r for r in tuning if r["method"] == method], score)
+            for method in dict.fromkeys(r["method"] for r in tuning)}
 
 
 def summarise(tuning: List[dict], final: List[dict], rates: Dict[str, float], setting: Setting) -> dict:
@@ -290,17 +193,6 @@ def summarise(tuning: List[dict], final: List[dict], rates: Dict[str, float], se
             val_by_lr={r["lr"]: r["final_accuracy"] for r in tuning if r["method"] == method},
         ))
     return dict(rows=rows, best_rates=rates)
-
-
-def environment() -> dict:
-    import peft
-    import transformers
-
-    dirty = git_dirty(untracked=False)
-    return dict(machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, CPU",
-                torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                python=platform.python_version(), commit=(git_commit() or "unknown") + ("+dirty" if dirty else ""),
-                date=time.strftime("%Y-%m-%d %H:%M %Z"), threads=torch.get_num_threads())
 
 
 def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
@@ -372,31 +264,10 @@ def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: 
     return "\n".join(lines) + "\n"
 
 
-def plot_losses(final: List[dict], methods: Sequence[str], path: str, window: int = 10) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(9, 5.5))
-    for method in methods:
-        curves = [r["losses"] for r in final if r["method"] == method and not r["diverged"]]
-        if not curves:
-            continue
-        steps = min(len(c) for c in curves)
-        mean = torch.tensor([c[:steps] for c in curves]).mean(0)
-        kernel = torch.ones(min(window, steps)) / min(window, steps)
-        smooth = torch.nn.functional.conv1d(mean.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
-        style = "-" if method.startswith("GoRA") else "--"
-        axis.plot(range(len(kernel), len(kernel) + len(smooth)), smooth, style, label=method, linewidth=1.4)
-    axis.set_xlabel("step")
-    axis.set_ylabel(f"training loss (mean over seeds, moving average of {window})")
-    axis.set_title("MiniLM-L6 + TREC-6 at each method's tuned learning rate")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def plot_losses(final: List[dict], methods: Sequence[str], path: str) -> None:
+    curves = {m: [r["losses"] for r in final if r["method"] == m and not r["diverged"]] for m in methods}
+    plot_mean_curves(curves, path, title="MiniLM-L6 + TREC-6 at each method's tuned learning rate",
+                     ylabel="training loss")
 
 
 def main(argv=None) -> int:
@@ -421,12 +292,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     tag = "quality_quick" if args.quick else "quality_timing_cpu" if args.timing else "quality_cpu"
     runs_path = os.path.join(out, f"{tag}_runs.jsonl")
-    done = []
-    if args.resume and os.path.exists(runs_path):
-        with open(runs_path) as handle:
-            done = [json.loads(line) for line in handle if line.strip()]
-    elif os.path.exists(runs_path):
-        os.remove(runs_path)
+    log = RunLog(runs_path, args.resume, ("phase", "method", "lr", "seed"))
 
     examples, names = load_examples("trec")
     train, test = split_examples(examples, setting.train_examples, setting.test_examples)
@@ -435,16 +301,14 @@ def main(argv=None) -> int:
     base, encoder = model_and_encoder("minilm", task="seq-cls", labels=names, max_length=setting.max_length)
 
     def recorded(phase, method, lr, seed, train_split, evaluation):
-        for row in done:
-            if (row["phase"], row["method"], row["lr"], row["seed"]) == (phase, method, lr, seed):
-                return row
-        row = dict(phase=phase, **run_one(method, lr, seed, base, encoder, train_split, evaluation, setting))
-        done.append(row)
-        with open(runs_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        early = "—" if row["early_accuracy"] is None else f"{100 * row['early_accuracy']:.1f}"
-        print(f"[{phase}] {method:<24} lr {lr:<7g} seed {seed}: early {early} final "
-              f"{100 * row['final_accuracy']:.1f}  init {row['init_s']:.2f}s train {row['train_s']:.1f}s", flush=True)
+        fresh = log.find(phase=phase, method=method, lr=lr, seed=seed) is None
+        row = log.get_or_run(lambda: run_one(method, lr, seed, base, encoder, train_split, evaluation, setting),
+                             phase=phase, method=method, lr=lr, seed=seed)
+        if fresh:
+            early = "—" if row["early_accuracy"] is None else f"{100 * row['early_accuracy']:.1f}"
+            print(f"[{phase}] {method:<24} lr {lr:<7g} seed {seed}: early {early} final "
+                  f"{100 * row['final_accuracy']:.1f}  init {row['init_s']:.2f}s train {row['train_s']:.1f}s",
+                  flush=True)
         return row
 
     tuning = []

@@ -16,7 +16,7 @@ see ``answers.py``). Under FSDP2 and ZeRO-3 every rank runs every forward of ``g
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,12 +103,21 @@ class SFTTask:
             texts.append(self.tokenizer.decode(row).strip())
         return texts
 
-    def evaluate(self, evaluator, setup, batch_size: int):
-        nll_sum = tokens = matches = 0.0
-        samples = []
-        for chunk, real, indices in rank_chunks(self.evaluation, setup, batch_size):
+    def response_nll(self, evaluator, setup, batch_size: int, examples: Optional[Sequence] = None) -> float:
+        """Mean negative log-likelihood per response token over ``examples`` (the held-out ones by default)."""
+        nll_sum = tokens = 0.0
+        for chunk, real, _ in rank_chunks(self.evaluation if examples is None else examples, setup, batch_size):
             nll, count = self._nll(evaluator, chunk, real, setup.device)
             nll_sum, tokens = nll_sum + nll, tokens + count
+        nll_sum, tokens = all_sum([nll_sum, tokens], setup)
+        return nll_sum / tokens
+
+    def exact_match(self, evaluator, setup, batch_size: int, examples: Optional[Sequence] = None) -> tuple:
+        """(fraction of greedy generations that match the reference, samples) over ``examples``."""
+        examples = self.evaluation if examples is None else examples
+        matches = 0.0
+        samples = []
+        for chunk, real, indices in rank_chunks(examples, setup, batch_size):
             for index, example, text in zip(indices, chunk, self._generate(evaluator, chunk, setup.device)[:real]):
                 match = answers_match(text, example.reference, self.config.answer_match)
                 matches += match
@@ -116,6 +125,9 @@ class SFTTask:
                     samples.append({"index": index, "origin": example.origin,
                                     "prompt": self.tokenizer.decode(list(example.prompt_ids)), "reference": example.reference,
                                     "generation": text, "match": bool(match)})
-        nll_sum, tokens, matches = all_sum([nll_sum, tokens, matches], setup)
-        metrics = {"exact_match": matches / len(self.evaluation), "response_nll": nll_sum / tokens}
-        return metrics, gather_samples(samples, setup)
+        return all_sum([matches], setup)[0] / len(examples), gather_samples(samples, setup)
+
+    def evaluate(self, evaluator, setup, batch_size: int):
+        nll = self.response_nll(evaluator, setup, batch_size)
+        exact, samples = self.exact_match(evaluator, setup, batch_size)
+        return {"exact_match": exact, "response_nll": nll}, samples

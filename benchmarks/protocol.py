@@ -1,0 +1,118 @@
+"""What the quality benchmarks share beside their methods: the runs file that makes a protocol
+resumable, the learning-rate schedule, rate selection, mean ± std, the environment record and the
+loss-curve plot. Pure functions and one small class; no task in here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from provenance import git_commit, git_dirty
+
+
+class RunLog:
+    """Runs appended to a JSONL file as they finish. With ``resume`` the file's runs are read back
+    and a run whose key is already there is not run again; without it the file starts empty."""
+
+    def __init__(self, path: str, resume: bool, key_fields: Sequence[str]) -> None:
+        self.path, self.key_fields = path, tuple(key_fields)
+        self.rows: List[dict] = []
+        if resume and os.path.exists(path):
+            with open(path) as handle:
+                self.rows = [json.loads(line) for line in handle if line.strip()]
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def key(self, row: dict) -> tuple:
+        return tuple(row.get(name) for name in self.key_fields)
+
+    def find(self, **key) -> Optional[dict]:
+        wanted = tuple(key.get(name) for name in self.key_fields)
+        return next((row for row in self.rows if self.key(row) == wanted), None)
+
+    def get_or_run(self, run: Callable[[], dict], **key) -> dict:
+        row = self.find(**key)
+        if row is None:
+            row = dict(key, **run())
+            self.rows.append(row)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        return row
+
+
+def warmup_cosine(step: int, steps: int, warmup_fraction: float, floor: float = 0.0) -> float:
+    """The rate's factor at ``step``: linear warm-up, then cosine decay from 1 to ``floor``."""
+    warmup = max(1, round(warmup_fraction * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def best_rate(rows: Iterable[dict], score: Callable[[dict], float]) -> Optional[float]:
+    """The ``lr`` of the row with the highest finite score (ties: the smaller rate); None if none is finite."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["lr"]):
+        value = score(row)
+        if value is None or not math.isfinite(value):
+            continue
+        if best is None or value > best[1]:
+            best = (row["lr"], value)
+    return None if best is None else best[0]
+
+
+def mean_std(values: Iterable[Optional[float]]) -> tuple:
+    """(mean, sample std) of the finite values; (nan, nan) when there are none, std 0 for one."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def environment() -> dict:
+    """Machine, versions, commit (``+dirty`` with uncommitted tracked changes) and date of a result."""
+    import peft
+    import transformers
+
+    dirty = git_dirty(untracked=False)
+    return dict(machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, CPU",
+                torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                python=platform.python_version(), commit=(git_commit() or "unknown") + ("+dirty" if dirty else ""),
+                date=time.strftime("%Y-%m-%d %H:%M %Z"), threads=torch.get_num_threads())
+
+
+def plot_mean_curves(curves: Dict[str, List[List[float]]], path: str, *, title: str, ylabel: str,
+                     window: int = 10) -> None:
+    """One line per name: the mean over its curves (cut to the shortest), as a moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for name, runs in curves.items():
+        runs = [run for run in runs if run]
+        if not runs:
+            continue
+        steps = min(len(run) for run in runs)
+        mean = torch.tensor([run[:steps] for run in runs], dtype=torch.float64).mean(0)
+        width = min(window, steps)
+        smooth = torch.nn.functional.conv1d(mean.view(1, 1, -1), (torch.ones(width, dtype=torch.float64) / width)
+                                            .view(1, 1, -1)).flatten()
+        style = "-" if name.startswith("GoRA") else "--"
+        axis.plot(range(width, width + len(smooth)), smooth, style, label=name, linewidth=1.4)
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"{ylabel} (mean over seeds, moving average of {window})")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
