@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Every GPU check and benchmark in one prepared run, under a time limit it enforces: for the first
+minutes of a lent GPU, which must go to measuring, not to debugging a script.
+
+    bash benchmarks/gpu_suite.sh --out "$OUT"         # on the GPU machine, its own python3, nothing installed
+    python benchmarks/gpu_suite.py --dry-run           # CPU: Triton's interpreter, tiny shapes, no timing claimed (CI)
+
+Steps, in this order, each in its own child process (a CUDA fault or a hang costs that step only),
+each given what is left of ``--budget-s`` (default 450 s) less what the later steps are owed:
+  1. environment: GPU, driver, torch/triton/transformers/peft versions, and two ceilings (a large
+     device-to-device copy, a large bf16 matmul);
+  2. gpu tests: tests/test_kernels.py's GPU cases (kernels against references in bf16 at real sizes,
+     GoRALinear's kernel path, the pinv init);
+  3. kernels: benchmarks/kernels.py --quick (fused vs torch vs PEFT; grouped q/k/v; B0 for 224 layers);
+  4. init: GoRA on a ~1.2B random-weight Llama (Llama-3.2-1B's shapes) in bf16 on one GPU, kernels on
+     then off: seconds of the gradient steps and of everything after, peak allocated memory per phase;
+  5. sft steps: a few SFT training steps of that model (loss on the response tokens), kernels on and
+     off: tokens/s and peak memory.
+Results are rewritten after every step to <out>/gpu_<device>.{json,md} (machine, versions, commit,
+date), so a run cut off still returns what it measured; a short table is printed last. A step that
+needs a missing package (deepspeed is not on the lent machine) is not run here at all: the suite has
+none; a failed or timed-out step is recorded with its output's tail and the next step runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Callable, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # the checkout, imported from its path: nothing is installed on the lent machine
+sys.path.insert(0, HERE)
+
+from provenance import git_commit, git_dirty, package_versions  # noqa: E402
+
+PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "safetensors", "deepspeed")
+# Llama-3.2-1B's shapes (hidden, intermediate, layers, heads, kv heads, vocab), tied embeddings: 1.24 B parameters
+MODEL_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256)
+MODEL_TINY = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ── the steps, each run in a child: python gpu_suite.py --step NAME --result FILE [--dry-run] ──
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    """Mean seconds of ``fn`` over ``repeats`` calls after ``warmup``, the device synchronised around them."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def step_environment(dry_run: bool) -> dict:
+    import torch
+
+    found = {"python": platform.python_version(), "packages": package_versions(*PACKAGES),
+             "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        found.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}", memory_gib=props.total_memory / 2**30,
+                     multiprocessors=props.multi_processor_count, devices=torch.cuda.device_count())
+        try:
+            found["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                             capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            found["driver"] = None
+    device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
+    elements = (2 << 20) if dry_run else (1 << 30)  # bf16: 4 MiB or 2 GiB per buffer
+    source = torch.empty(elements, dtype=torch.bfloat16, device=device).normal_()
+    target = torch.empty_like(source)
+    seconds = _timed(lambda: target.copy_(source), repeats=3 if dry_run else 10)
+    found["copy_gbps"] = 2 * source.numel() * source.element_size() / seconds / 1e9  # bytes read + written
+    size = 256 if dry_run else 8192
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    seconds = _timed(lambda: a @ b, repeats=3 if dry_run else 10, warmup=1 if dry_run else 3)
+    found["matmul_tflops"] = 2 * size**3 / seconds / 1e12
+    found["matmul_size"], found["copy_bytes"] = size, source.numel() * source.element_size()
+    return found
+
+
+def step_gpu_tests(dry_run: bool, out: str) -> dict:
+    """tests/test_kernels.py's GPU cases, in-process on CUDA (on the CPU they skip: the dry run checks the command)."""
+    log = os.path.join(out, "gpu_tests.log")
+    # "without_a_gpu": the sm_90 compile check, which the CPU test suite runs already
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu and not without_a_gpu",
+               os.path.join(ROOT, "tests", "test_kernels.py"), "-rs"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    with open(log, "w") as handle:
+        handle.write(result.stdout + result.stderr)
+    lines = result.stdout.strip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    counts = {}
+    for part in summary.strip("= ").split(","):
+        words = part.split()
+        if len(words) >= 2 and words[0].isdigit():
+            counts[words[1]] = int(words[0])
+    return {"returncode": result.returncode, "summary": summary, "counts": counts, "log": os.path.basename(log),
+            "ok": result.returncode == 0 and not counts.get("failed") and not counts.get("error")}
+
+
+def step_kernels(dry_run: bool, out: str) -> dict:
+    command = [sys.executable, os.path.join(HERE, "kernels.py"), "--dry-run" if dry_run else "--quick",
+               "--results", out]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmarks/kernels.py exited {result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}")
+    written = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    stem = written[0][:-len(".json")] if written else None
+    found = {"results": os.path.basename(stem) if stem else None}
+    if stem:
+        with open(stem + ".json") as handle:
+            data = json.load(handle)
+        found["layers"] = [{k: row[k] for k in ("kind", "rank", "tokens", "impl", "forward_ms", "backward_ms", "full_ms")}
+                           for row in data["layers"]]
+        found["init"] = data["init"]
+    return found
+
+
+def _model(spec: dict, device: str, dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                         num_key_value_heads=spec["kv_heads"], tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model
+
+
+def _batches(spec: dict, count: int, batch: int, length: int, response: int, device: str, seed: int) -> List[dict]:
+    """Random-token SFT batches: the loss counts the last ``response`` tokens of each row only."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    found = []
+    for _ in range(count):
+        ids = torch.randint(0, spec["vocab"], (batch, length), generator=generator)
+        labels = ids.clone()
+        labels[:, :length - response] = -100
+        found.append({"input_ids": ids.to(device), "labels": labels.to(device)})
+    return found
+
+
+def _sizes(dry_run: bool) -> dict:
+    if dry_run:
+        return dict(spec=MODEL_TINY, batch=2, length=16, response=4, grad_steps=2, train_steps=2, warmup_steps=1)
+    return dict(spec=MODEL_1B, batch=4, length=1024, response=256, grad_steps=8, train_steps=10, warmup_steps=2)
+
+
+def _peak_gib() -> Optional[float]:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gora(model, sizes: dict, device: str):
+    """GoRA on the model (rank_ref 8 in [4, 32], γ 5e-2, all 7 projections): the report and phase figures."""
+    from gora_dist import GoRAConfig, apply_gora
+
+    batches = _batches(sizes["spec"], sizes["grad_steps"], sizes["batch"], sizes["length"], sizes["response"], device, 1)
+    config = GoRAConfig(target_modules=TARGETS, rank_ref=8, rank_min=4, rank_max=32, alpha=16.0, gamma=5e-2,
+                        grad_steps=sizes["grad_steps"])
+    _sync()
+    start = time.perf_counter()
+    report = apply_gora(model, batches, config)
+    _sync()
+    total = time.perf_counter() - start
+    return report, total
+
+
+def step_init(dry_run: bool, kernels: bool) -> dict:
+    """GoRA's init on one device: the gradient steps, then everything after them, and peak memory of each."""
+    import torch
+
+    from gora_dist.memory_trace import phase, write_now
+
+    device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sizes = _sizes(dry_run)
+    _reset_peak()
+    model = _model(sizes["spec"], device, dtype)
+    loaded = _peak_gib()
+    phase("gradient steps")  # GoRA's pipeline enters "init" itself once the gradients are summed
+    report, total = _gora(model, sizes, device)
+    write_now()
+    found = {"kernels": kernels, "device": device, "dtype": str(dtype).replace("torch.", ""),
+             "parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+             "adapter_parameters": report.param_count, "grad_steps": report.grad_steps,
+             "tokens_per_step": sizes["batch"] * sizes["length"], "gradient_s": report.timings["gradient_s"],
+             "after_gradients_s": total - report.timings["gradient_s"], "model_gib": loaded,
+             "rank_map": report.rank_map}
+    found["after_over_gradient"] = found["after_gradients_s"] / found["gradient_s"]
+    trace = os.path.join(os.environ["GORA_MEMORY_TRACE"], "rank0.json")
+    with open(trace) as handle:
+        for entry in json.load(handle)["phases"]:
+            if entry["name"] in ("gradient steps", "init") and "cuda_max_allocated" in entry:
+                found[f"peak_gib_{entry['name'].replace(' ', '_')}"] = entry["cuda_max_allocated"] / 2**30
+    return found
+
+
+def step_sft(dry_run: bool, kernels: bool) -> dict:
+    """A few AdamW steps on GoRA's adapters after its init: tokens/s and peak memory of the training steps."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sizes = _sizes(dry_run)
+    model = _model(sizes["spec"], device, dtype)
+    report, _ = _gora(model, sizes, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    steps = sizes["warmup_steps"] + sizes["train_steps"]
+    batches = _batches(sizes["spec"], steps, sizes["batch"], sizes["length"], sizes["response"], device, 2)
+    model.train()
+    losses = []
+    for index, batch in enumerate(batches):
+        if index == sizes["warmup_steps"]:
+            _sync()
+            _reset_peak()
+            start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    _sync()
+    seconds = time.perf_counter() - start
+    tokens = sizes["train_steps"] * sizes["batch"] * sizes["length"]
+    return {"kernels": kernels, "device": device, "steps": sizes["train_steps"], "tokens_per_step":
+            sizes["batch"] * sizes["length"], "s_per_step": seconds / sizes["train_steps"], "tokens_per_s": tokens / seconds,
+            "peak_gib": _peak_gib(), "losses": losses, "finite": all(math.isfinite(v) for v in losses),
+            "adapter_parameters": report.param_count}
+
+
+CHILD_STEPS = {
+    "environment": lambda o: step_environment(o.dry_run),
+    "gpu_tests": lambda o: step_gpu_tests(o.dry_run, o.out),
+    "kernels": lambda o: step_kernels(o.dry_run, o.out),
+    "init_kernels_on": lambda o: step_init(o.dry_run, True),
+    "init_kernels_off": lambda o: step_init(o.dry_run, False),
+    "sft_kernels_on": lambda o: step_sft(o.dry_run, True),
+    "sft_kernels_off": lambda o: step_sft(o.dry_run, False),
+}
+# (step, the seconds it may take at most, the seconds kept for it while earlier steps run)
+PLAN = [("environment", 60, 20), ("gpu_tests", 150, 60), ("kernels", 150, 60), ("init_kernels_on", 90, 40),
+        ("init_kernels_off", 90, 40), ("sft_kernels_on", 60, 30), ("sft_kernels_off", 60, 30)]
+
+
+# ── the parent: budget, children, results ──
+
+def run_child(name: str, options, limit_s: float) -> dict:
+    """Run one step in a child process within ``limit_s``; its result, or why there is none."""
+    result_file = os.path.join(options.out, f".step_{name}.json")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
+    if name.endswith("kernels_off"):
+        env["GORA_DISABLE_KERNELS"] = "1"
+    else:
+        env.pop("GORA_DISABLE_KERNELS", None)
+    if options.dry_run and name != "gpu_tests":
+        env["TRITON_INTERPRET"] = "1"  # the kernel path runs on the CPU, before any kernel module is imported
+    env["GORA_MEMORY_TRACE"] = tempfile.mkdtemp(prefix=f"gora-suite-{name}-")
+    command = [sys.executable, os.path.abspath(__file__), "--step", name, "--result", result_file, "--out", options.out]
+    command += ["--dry-run"] if options.dry_run else []
+    start = time.perf_counter()
+    try:
+        process = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=limit_s)
+        status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+        tail = (process.stdout + process.stderr)[-2500:]
+    except subprocess.TimeoutExpired as error:
+        status = f"timed out after {limit_s:.0f} s"
+        tail = ((error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace"))[-2500:]
+    entry = {"status": status, "wall_s": time.perf_counter() - start}
+    if status == "ok" and os.path.exists(result_file):
+        with open(result_file) as handle:
+            entry["result"] = json.load(handle)
+        os.remove(result_file)
+    else:
+        entry["output_tail"] = tail
+    return entry
+
+
+def device_slug(environment: dict, dry_run: bool) -> str:
+    if dry_run:
+        return "dry_run"
+    name = environment.get("gpu") or "no_gpu"
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def _f(value, digits=2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(record: dict) -> str:
+    env = (record["steps"].get("environment", {}).get("result") or {})
+    title = "DRY RUN on the CPU, NOT A MEASUREMENT: " if record["dry_run"] else ""
+    lines = [f"# {title}GPU suite on {env.get('gpu', 'no GPU')} ({record['date']}, commit {record['commit']})", "",
+             f"Command: `{record['command']}`; budget {record['budget_s']:.0f} s, used {record['used_s']:.0f} s. "
+             f"Python {env.get('python')}, packages {env.get('packages')}, CUDA {env.get('torch_cuda')}, driver "
+             f"{env.get('driver')}.", "",
+             "| step | status | wall s |", "|---|---|---|"]
+    for name, entry in record["steps"].items():
+        lines.append(f"| {name} | {entry['status']} | {entry['wall_s']:.1f} |")
+    if env:
+        lines += ["", f"Ceilings: device-to-device copy {_f(env.get('copy_gbps'), 0)} GB/s (read + written, "
+                  f"{env.get('copy_bytes', 0) / 2**30:.2f} GiB buffers); bf16 matmul {env.get('matmul_size')}³ "
+                  f"{_f(env.get('matmul_tflops'), 1)} TFLOP/s."]
+    tests = record["steps"].get("gpu_tests", {}).get("result")
+    if tests:
+        lines += ["", f"GPU tests: {tests['summary']} (log: {tests['log']})."]
+    kernels = record["steps"].get("kernels", {}).get("result")
+    if kernels and kernels.get("layers"):
+        by_key = {}
+        for row in kernels["layers"]:
+            by_key.setdefault((row["kind"], row["rank"], row["tokens"]), {})[row["impl"]] = row
+        lines += ["", "Layer, full step (forward + backward), median ms:", "",
+                  "| shape | rank | tokens | base | torch | peft | fused | fused/base | peft/fused |", "|" + "---|" * 9]
+        for (kind, rank, tokens), impls in by_key.items():
+            ms = {impl: impls[impl]["full_ms"][0] for impl in impls}
+            lines.append(f"| {kind} | {rank} | {tokens} | " + " | ".join(_f(ms.get(i), 3) for i in
+                         ("base", "torch", "peft", "fused")) + f" | {ms['fused'] / ms['base']:.3f} | "
+                         f"{ms['peft'] / ms['fused']:.3f} |")
+        if kernels.get("init"):
+            lines += ["", "B0 for all layers: " + "; ".join(f"{row['impl']} {row['total_ms'][0]:.1f} ms"
+                                                           for row in kernels["init"]) + "."]
+    init = [record["steps"].get(f"init_kernels_{s}", {}).get("result") for s in ("on", "off")]
+    if any(init):
+        lines += ["", "GoRA init, one device (gradient steps, then everything after them):", "",
+                  "| kernels | model params | grad steps × tokens | gradient s | after s | after / gradient | "
+                  "peak GiB gradient steps | peak GiB init |", "|---|---|---|---|---|---|---|---|"]
+        for row in filter(None, init):
+            lines.append(f"| {'on' if row['kernels'] else 'off'} | {row['parameters'] / 1e6:,.1f} M | "
+                         f"{row['grad_steps']} × {row['tokens_per_step']} | {_f(row['gradient_s'])} | "
+                         f"{_f(row['after_gradients_s'], 3)} | {100 * row['after_over_gradient']:.2f} % | "
+                         f"{_f(row.get('peak_gib_gradient_steps'))} | {_f(row.get('peak_gib_init'))} |")
+    sft = [record["steps"].get(f"sft_kernels_{s}", {}).get("result") for s in ("on", "off")]
+    if any(sft):
+        lines += ["", "SFT training steps after the init:", "",
+                  "| kernels | steps × tokens | s / step | tokens / s | peak GiB | losses finite |", "|---|---|---|---|---|---|"]
+        for row in filter(None, sft):
+            lines.append(f"| {'on' if row['kernels'] else 'off'} | {row['steps']} × {row['tokens_per_step']} | "
+                         f"{_f(row['s_per_step'], 3)} | {row['tokens_per_s']:,.0f} | {_f(row['peak_gib'])} | "
+                         f"{row['finite']} |")
+    failed = {n: e for n, e in record["steps"].items() if e["status"] != "ok"}
+    for name, entry in failed.items():
+        lines += ["", f"{name}: {entry['status']}; output's tail:", "", "```", entry.get("output_tail", "").strip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write(record: dict, out: str) -> str:
+    env = record["steps"].get("environment", {}).get("result") or {}
+    stem = os.path.join(out, f"gpu_{device_slug(env, record['dry_run'])}")
+    with open(stem + ".json", "w") as handle:
+        json.dump(record, handle, indent=1)
+    with open(stem + ".md", "w") as handle:
+        handle.write(markdown(record))
+    return stem
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes (CI)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; a temporary one "
+                                                    "for --dry-run)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole suite's time limit in seconds")
+    parser.add_argument("--only", default=None, help="comma-separated subset of the steps (to rerun what failed)")
+    parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # a child: run this step
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    options.out = os.path.abspath(options.out or (tempfile.mkdtemp(prefix="gora-gpu-suite-dry-run-") if options.dry_run
+                                                  else os.path.join(ROOT, "benchmarks", "results")))
+    os.makedirs(options.out, exist_ok=True)
+    if options.step:
+        found = CHILD_STEPS[options.step](options)
+        with open(options.result, "w") as handle:
+            json.dump(found, handle)
+        return 0
+
+    plan = PLAN
+    if options.only:
+        chosen = [s.strip() for s in options.only.split(",")]
+        unknown = [s for s in chosen if s not in CHILD_STEPS]
+        if unknown:
+            parser.error(f"--only: unknown {unknown}; steps are {list(CHILD_STEPS)}")
+        plan = [entry for entry in PLAN if entry[0] in chosen]
+    import torch
+
+    if not options.dry_run and not torch.cuda.is_available():
+        print("benchmarks/gpu_suite.py found no CUDA GPU; nothing was measured. Pass --dry-run to check it on the CPU.")
+        return 2
+    started = time.perf_counter()
+    record = {"dry_run": options.dry_run, "commit": (git_commit() or "unknown") + ("+dirty" if git_dirty(untracked=False) else ""),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "budget_s": options.budget_s,
+              "command": "python3 benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "steps": {}}
+    for index, (name, cap_s, _) in enumerate(plan):
+        left = options.budget_s - (time.perf_counter() - started)
+        owed = sum(kept for _, _, kept in plan[index + 1:])
+        # the dry run (the interpreter on 2 cores) keeps no step caps: only the whole budget counts
+        limit = left if options.dry_run else min(cap_s, left - owed)
+        if limit < 5:
+            record["steps"][name] = {"status": f"not run: {left:.0f} s left of the budget", "wall_s": 0.0}
+            continue
+        print(f"[gpu suite] {name} (up to {limit:.0f} s)", flush=True)
+        record["steps"][name] = run_child(name, options, limit)
+        record["used_s"] = time.perf_counter() - started
+        stem = write(record, options.out)
+        print(f"[gpu suite] {name}: {record['steps'][name]['status']} in {record['steps'][name]['wall_s']:.1f} s", flush=True)
+    record["used_s"] = time.perf_counter() - started
+    stem = write(record, options.out)
+    text = markdown(record)
+    print(text)
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0 if all(entry["status"] == "ok" for entry in record["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
