@@ -15,7 +15,10 @@ each given what is left of ``--budget-s`` (default 450 s) less what the later st
   4. init: GoRA on a ~1.2B random-weight Llama (Llama-3.2-1B's shapes) in bf16 on one GPU, kernels on
      then off: seconds of the gradient steps and of everything after, peak allocated memory per phase;
   5. sft steps: a few SFT training steps of that model (loss on the response tokens), kernels on and
-     off: tokens/s and peak memory.
+     off: tokens/s and peak memory;
+  6. trainer_fsdp2: a transformers Trainer asked for FSDP2 on the GPU with the model GoRA sharded
+     itself (tests/dist/trainer_worker.py device, one rank under torchrun): the plan against one
+     process's, the losses, the base unchanged, the adapter loaded in PEFT.
 Results are rewritten after every step to <out>/gpu_<device>.{json,md} (machine, versions, commit,
 date), so a run cut off still returns what it measured; a short table is printed last. A step that
 needs a missing package (deepspeed is not on the lent machine) is not run here at all: the suite has
@@ -265,6 +268,46 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
             "adapter_parameters": report.param_count}
 
 
+def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
+    """The Trainer with FSDP2 on the GPU, the model sharded by GoRA (tests/dist/trainer_worker.py device,
+    one rank under torchrun): its plan against one process's, the losses, what stayed unchanged."""
+    import torch
+
+    folder = tempfile.mkdtemp(prefix="gora-suite-trainer-")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+               str(_free_port()), os.path.join(ROOT, "tests", "dist", "trainer_worker.py"), "device", folder]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.path.join(ROOT, "tests"),
+                                                                   os.environ.get("PYTHONPATH")])))
+    if dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    with open(os.path.join(out, "trainer_fsdp2.log"), "w") as handle:
+        handle.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"trainer_worker.py device exited {result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}")
+    with open(os.path.join(folder, "trainer_fsdp2_device", "rank0.json")) as handle:
+        facts = json.load(handle)
+    reference = facts["reference"]
+    gap = max(float((torch.tensor(facts[key][name]) - torch.tensor(reference[key][name])).abs().max())
+              for key in ("lora_a", "lora_b") for name in facts[key])
+    losses = facts["losses"]
+    return {"device": facts["device"], "engine": facts["engine"], "fsdp_plugin": facts["fsdp_plugin"], "sharded_weights": facts["sharded_weights"],
+            "rank_map_equal": facts["rank_map"] == reference["rank_map"], "max_adapter_gap": gap,
+            "first_loss": losses[0], "last_loss": losses[-1], "base_unchanged": facts["base_unchanged"],
+            "peft_loaded_layers": facts["peft_loaded"], "held_elements": facts["held_elements"],
+            "target_elements": facts["target_elements"],
+            "ok": bool(facts["rank_map"] == reference["rank_map"] and gap < 1e-4 and losses[-1] < losses[0]
+                       and facts["base_unchanged"] and facts["peft_loaded"] > 0)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 CHILD_STEPS = {
     "environment": lambda o: step_environment(o.dry_run),
     "gpu_tests": lambda o: step_gpu_tests(o.dry_run, o.out),
@@ -273,10 +316,12 @@ CHILD_STEPS = {
     "init_kernels_off": lambda o: step_init(o.dry_run, False),
     "sft_kernels_on": lambda o: step_sft(o.dry_run, True),
     "sft_kernels_off": lambda o: step_sft(o.dry_run, False),
+    "trainer_fsdp2": lambda o: step_trainer_fsdp2(o.dry_run, o.out),
 }
 # (step, the seconds it may take at most, the seconds kept for it while earlier steps run)
 PLAN = [("environment", 60, 20), ("gpu_tests", 150, 60), ("kernels", 150, 60), ("init_kernels_on", 90, 40),
-        ("init_kernels_off", 90, 40), ("sft_kernels_on", 60, 30), ("sft_kernels_off", 60, 30)]
+        ("init_kernels_off", 90, 40), ("sft_kernels_on", 60, 30), ("sft_kernels_off", 60, 30),
+        ("trainer_fsdp2", 90, 45)]
 
 
 # ── the parent: budget, children, results ──
@@ -308,6 +353,8 @@ def run_child(name: str, options, limit_s: float) -> dict:
         with open(result_file) as handle:
             entry["result"] = json.load(handle)
         os.remove(result_file)
+        if entry["result"].get("ok") is False:  # it ran, and its own checks failed
+            entry["status"] = "checks failed"
     else:
         entry["output_tail"] = tail
     return entry
@@ -374,6 +421,15 @@ def markdown(record: dict) -> str:
             lines.append(f"| {'on' if row['kernels'] else 'off'} | {row['steps']} × {row['tokens_per_step']} | "
                          f"{_f(row['s_per_step'], 3)} | {row['tokens_per_s']:,.0f} | {_f(row['peak_gib'])} | "
                          f"{row['finite']} |")
+    trainer = record["steps"].get("trainer_fsdp2", {}).get("result")
+    if trainer:
+        lines += ["", f"Trainer asked for FSDP2 on {trainer['device']}, GoRA's engine {trainer['engine']} (one rank): "
+                  "accelerate's FSDP "
+                  f"plugin {'on' if trainer['fsdp_plugin'] else 'off'}, weights sharded {trainer['sharded_weights']}; "
+                  f"rank map equal to one process's {trainer['rank_map_equal']}, adapters within "
+                  f"{trainer['max_adapter_gap']:.1e}; loss {trainer['first_loss']:.3f} → {trainer['last_loss']:.3f}; base "
+                  f"unchanged {trainer['base_unchanged']}; saved adapter loads in PEFT ({trainer['peft_loaded_layers']} "
+                  f"layers); checks {'pass' if trainer['ok'] else 'FAIL'} (log: trainer_fsdp2.log)."]
     failed = {n: e for n, e in record["steps"].items() if e["status"] != "ok"}
     for name, entry in failed.items():
         lines += ["", f"{name}: {entry['status']}; output's tail:", "", "```", entry.get("output_tail", "").strip(), "```"]

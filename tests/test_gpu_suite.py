@@ -29,7 +29,7 @@ def test_dry_run_runs_every_step_and_the_kernel_path_matches_the_torch_path(tmp_
     record = json.loads((tmp_path / "gpu_dry_run.json").read_text())
     steps = record["steps"]
     assert list(steps) == ["environment", "gpu_tests", "kernels", "init_kernels_on", "init_kernels_off",
-                           "sft_kernels_on", "sft_kernels_off"]
+                           "sft_kernels_on", "sft_kernels_off", "trainer_fsdp2"]
     assert all(entry["status"] == "ok" for entry in steps.values()), {n: e["status"] for n, e in steps.items()}
     env = steps["environment"]["result"]
     assert env["packages"]["torch"] and env["copy_gbps"] > 0 and env["matmul_tflops"] > 0
@@ -44,8 +44,10 @@ def test_dry_run_runs_every_step_and_the_kernel_path_matches_the_torch_path(tmp_
     sft_on, sft_off = steps["sft_kernels_on"]["result"], steps["sft_kernels_off"]["result"]
     assert sft_on["finite"] and sft_off["finite"]
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(sft_on["losses"], sft_off["losses"])), (sft_on, sft_off)
+    trainer = steps["trainer_fsdp2"]["result"]  # on the CPU the Trainer runs DDP: the script is what is checked
+    assert trainer["ok"] and trainer["rank_map_equal"] and trainer["last_loss"] < trainer["first_loss"], trainer
     text = (tmp_path / "gpu_dry_run.md").read_text()
-    assert text.startswith("# DRY RUN on the CPU, NOT A MEASUREMENT") and "| sft_kernels_off | ok |" in text
+    assert text.startswith("# DRY RUN on the CPU, NOT A MEASUREMENT") and "| trainer_fsdp2 | ok |" in text
 
 
 def test_budget_cuts_a_step_off_and_keeps_what_ran_before(tmp_path):

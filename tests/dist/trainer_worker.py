@@ -7,7 +7,8 @@ zero3: the Trainer under DeepSpeed ZeRO-3 with GoRA's layers (a checkpoint at st
 resumed from that checkpoint with its saved plan, then TRL's SFTTrainer under ZeRO-3 with the plan as
 a PEFT model. torchrun: an accelerate loop (DDP on the CPU) with a PEFT model, a Trainer asked for
 FSDP2 on the CPU (accelerate runs DDP there: GoRA estimates with DDP and says so), and FSDP2 with
-the PEFT model in a plain loop. Each scenario writes OUT/<scenario>/rank<R>.json.
+the PEFT model in a plain loop. device (one rank, for benchmarks/gpu_suite.py): the Trainer with FSDP2
+on the GPU, the model sharded by GoRA. Each scenario writes OUT/<scenario>/rank<R>.json.
 """
 
 import json
@@ -39,12 +40,12 @@ def token_dataset():
     return TokenDataset()
 
 
-def training_args(out, **extra):
+def training_args(out, use_cpu=True, **extra):
     import transformers
 
     return transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=PER_DEVICE, max_steps=STEPS, learning_rate=5e-3, save_steps=4,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant", **extra)
+        logging_steps=1, report_to=[], use_cpu=use_cpu, seed=0, lr_scheduler_type="constant", **extra)
 
 
 def base_unchanged(model) -> bool:
@@ -195,6 +196,42 @@ def torchrun_scenarios(out):
           checksum=adapter_checksum(model), **plan_facts(plan))
 
 
+def device_scenarios(out):
+    """One rank on the machine's GPU (benchmarks/gpu_suite.py): a Trainer asked for FSDP2 with the model
+    GoRA sharded itself (engine="fsdp2": estimation under FSDP2, then accelerate takes the FSDPModule as
+    it is), beside the plan one process computes with no engine on the same batches. Without a GPU
+    (the suite's dry run) accelerate wraps the model in DDP, which cannot take FSDP2's sharded
+    parameters, so the model is left unsharded there (engine "auto"): the dry run checks the script."""
+    import transformers
+
+    from gora_dist import save_adapter
+
+    dataset = token_dataset()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    reference = prepare_gora(tiny_llama().to(device), dataset, CONFIG, global_batch_size=PER_DEVICE, engine="local")
+    args = training_args(os.path.join(out, "trainer_device"), use_cpu=not on_gpu, fsdp=True,
+                         fsdp_config={"version": 2}, save_strategy="no")
+    model = tiny_llama().to(device)
+    engine = "fsdp2" if on_gpu else "auto"
+    plan = prepare_gora(model, dataset, CONFIG, args=args, engine=engine)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    trained = trainer.model
+    sharded = all(hasattr(p, "device_mesh") for n, p in trained.named_parameters() if ".lora_" not in n)
+    adapters_on = sorted({str(p.device.type) for n, p in trained.named_parameters() if ".lora_" in n})
+    folder = os.path.join(out, "trainer_fsdp2_device", "adapter")
+    save_adapter(trained, folder, plan.report)
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), folder)
+    write(out, "trainer_fsdp2_device", device=str(device), engine=engine, losses=losses_of(trainer), sharded_weights=sharded,
+          adapter_devices=adapters_on, base_unchanged=base_unchanged(trained),
+          peft_loaded=sum(1 for n, _ in loaded.named_parameters() if ".lora_A" in n),
+          fsdp_plugin=getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None,
+          reference=plan_facts(reference), **plan_facts(plan))
+
+
 def main():
     scenario, out = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # deepspeed adds it first
     if scenario == "zero3":
@@ -202,6 +239,11 @@ def main():
 
         deepspeed.init_distributed(dist_backend="gloo")
         zero3_scenarios(out)
+    elif scenario == "device":
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device_scenarios(out)
     else:
         dist.init_process_group("gloo")
         torchrun_scenarios(out)
