@@ -4,6 +4,7 @@ loss-curve plot. Pure functions and one small class; no task in here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,22 @@ def warmup_cosine(step: int, steps: int, warmup_fraction: float, floor: float = 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def train_step(model, batch: dict, params, optimizer, scheduler, autocast=None) -> float:
+    """One AdamW step on ``batch`` (gradients clipped at norm 1): its loss, or NaN (and no step) when
+    the loss is not finite."""
+    model.train()
+    with autocast if autocast is not None else contextlib.nullcontext():
+        loss = model(**batch).loss
+    if not torch.isfinite(loss):
+        return float("nan")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def best_rate(rows: Iterable[dict], score: Callable[[dict], float]) -> Optional[float]:
     """The ``lr`` of the row with the highest finite score (ties: the smaller rate); None if none is finite."""
     best = None
@@ -74,6 +91,35 @@ def mean_std(values: Iterable[Optional[float]]) -> tuple:
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def rate_table(rows: List[dict], grid: Sequence[float], values: str, cell: Callable[[float], str]) -> List[str]:
+    """Markdown lines: one row per method, one column per rate of ``grid``, ``cell(row[values][lr])``
+    where the method ran at that rate, "—" where not."""
+    lines = ["| method | " + " | ".join(f"{lr:g}" for lr in grid) + " |", "|---|" + "---|" * len(grid)]
+    for row in rows:
+        found = row[values]
+        lines.append(f"| {row['method']} | " + " | ".join("—" if found.get(lr) is None else cell(found[lr])
+                                                           for lr in grid) + " |")
+    return lines
+
+
+def rank_table(rows: List[dict], kinds: Sequence[str]) -> List[str]:
+    """Markdown lines: each method's mean rank per layer kind (methods without adapters left out)."""
+    lines = ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {row['method']} | " + " | ".join(f"{row['mean_rank_by_kind'].get(k, float('nan')):.1f}" for k in kinds)
+              + " |" for row in rows if row["mean_rank_by_kind"]]
+    return lines
+
+
+def timing_table(runs: List[dict], full_steps: int) -> List[str]:
+    """Markdown lines: init seconds, seconds per training step, and init as a share of a full run's steps."""
+    lines = [f"| method | init s | s / training step | init as % of {full_steps} training steps |", "|---|---|---|---|"]
+    for row in runs:
+        per_step = row["train_s"] / max(1, len(row["losses"]))
+        lines.append(f"| {row['method']} | {row['init_s']:.2f} | {per_step:.3f} | "
+                     f"{100 * row['init_s'] / (per_step * full_steps):.1f} % |")
+    return lines
 
 
 def environment() -> dict:

@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py,
 from gora_dist.launcher.data import global_batch_indices, split_examples
 from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder
 from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
-from protocol import RunLog, best_rate, environment, mean_std, plot_mean_curves, warmup_cosine  # noqa: E402
+from protocol import (RunLog, best_rate, environment, mean_std, plot_mean_curves, rank_table,  # noqa: E402
+                      rate_table, timing_table, train_step, warmup_cosine)
 
 # every linear layer of the encoder blocks (the pooler is left out: its input has no token axis,
 # which EVA's default input handling needs)
@@ -124,23 +125,17 @@ def run_one(method: str, lr: float, seed: int, base, encoder, train, evaluation,
     started = time.perf_counter()
     eval_s = 0.0
     for step in range(setting.steps):
-        model.train()
-        loss = model(**encoder.batch([train[i] for i in next(order)])).loss
-        if not torch.isfinite(loss):
-            losses.append(float("nan"))
+        loss = train_step(model, encoder.batch([train[i] for i in next(order)]), params, optimizer, scheduler)
+        if not math.isfinite(loss):
+            losses.append(loss)
             break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         if step + 1 == early_step:
             eval_started = time.perf_counter()
             early = accuracy(model, encoder, evaluation)
             eval_s += time.perf_counter() - eval_started
     train_s = time.perf_counter() - started - eval_s
-    diverged = len(losses) < setting.steps
+    diverged = len(losses) < setting.steps or not math.isfinite(losses[-1])
     final = float("nan") if diverged else accuracy(model, encoder, evaluation)
     ranks = adapter_ranks(model)
     return dict(method=method, lr=lr, seed=seed, init_s=init_s, train_s=train_s, early_accuracy=early,
@@ -217,21 +212,10 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
         lines.append(
             f"| {row['method']} | {row['lr']:g} | {percent(row['early_mean'], row['early_std'])} | "
             f"{percent(row['final_mean'], row['final_std'])} | {row['adapter_params']:,} | {ratio} |")
-    lines += ["", "Validation accuracy (%) by learning rate (seed 0; the tuning runs):", "",
-              "| method | " + " | ".join(f"{lr:g}" for lr in setting.lr_grid) + " |",
-              "|---|" + "---|" * len(setting.lr_grid)]
-    for row in summary["rows"]:
-        cells = []
-        for lr in setting.lr_grid:
-            value = row["val_by_lr"].get(lr)
-            cells.append("—" if value is None or math.isnan(value) else f"{100 * value:.1f}")
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean rank by layer kind (over layers and seeds):", "",
-              "| method | " + " | ".join(MODULE_KINDS) + " |", "|---|" + "---|" * len(MODULE_KINDS)]
-    for row in summary["rows"]:
-        if row["mean_rank_by_kind"]:
-            lines.append(f"| {row['method']} | " + " | ".join(
-                f"{row['mean_rank_by_kind'].get(k, float('nan')):.1f}" for k in MODULE_KINDS) + " |")
+    lines += ["", "Validation accuracy (%) by learning rate (seed 0; the tuning runs):", ""]
+    lines += rate_table(summary["rows"], setting.lr_grid, "val_by_lr",
+                        lambda value: "—" if math.isnan(value) else f"{100 * value:.1f}")
+    lines += ["", "Mean rank by layer kind (over layers and seeds):", ""] + rank_table(summary["rows"], MODULE_KINDS)
     lines += ["", "Mean rank by encoder block (over layer kinds and seeds; GeLoRA gives one rank per block):", "",
               "| method | " + " | ".join(f"block {b}" for b in range(6)) + " |", "|---|" + "---|" * 6]
     for row in summary["rows"]:
@@ -255,12 +239,7 @@ def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: 
         f"{env['date']}. {setting.steps} steps of {setting.batch_size} per method, seed 0; init uses "
         f"{setting.grad_steps} batches (GoRA, LoRA-GA: gradient steps; EVA: forward passes until its SVDs "
         f"converge, cycling the batches).", "",
-        f"| method | init s | s / training step | init as % of {full_steps} training steps |", "|---|---|---|---|",
-    ]
-    for row in final:
-        per_step = row["train_s"] / max(1, len(row["losses"]))
-        lines.append(f"| {row['method']} | {row['init_s']:.2f} | {per_step:.3f} | "
-                     f"{100 * row['init_s'] / (per_step * full_steps):.1f} % |")
+    ] + timing_table(final, full_steps)
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,8 @@ from gora_dist.launcher.tasks.sft import SFTTask  # noqa: E402
 from gora_dist.launcher.tokenizer import load_tokenizer  # noqa: E402
 from gora_dist.launcher.training import greedy_generate  # noqa: E402
 from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
-from protocol import RunLog, best_rate, environment, mean_std, plot_mean_curves, warmup_cosine  # noqa: E402
+from protocol import (RunLog, best_rate, environment, mean_std, plot_mean_curves, rank_table,  # noqa: E402
+                      rate_table, timing_table, train_step, warmup_cosine)  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHOD_SETTING = MethodSetting(targets=TARGETS, task_type="CAUSAL_LM", rank=8, alpha=16.0, gamma=5e-2)
@@ -101,16 +102,16 @@ class Evaluator:
     def __init__(self, model: nn.Module, precision: str) -> None:
         self.model, self.precision = model, precision
 
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @torch.no_grad()
     def logits(self, inputs: dict) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             return self.model(**inputs).logits.float()
 
     def generate(self, inputs: dict, **options) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             return greedy_generate(self.model, inputs, synced=False, **options)
 
 
@@ -190,20 +191,11 @@ def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, eval
         if step == setting.steps:
             break
         clock = time.perf_counter()
-        model.train()
-        batch = task.batch([train[i] for i in next(order)])
-        with evaluator._autocast():
-            loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            losses.append(float("nan"))
-            break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, task.batch([train[i] for i in next(order)]), params, optimizer, scheduler,
+                                 evaluator.autocast()))
         train_s += time.perf_counter() - clock
+        if not math.isfinite(losses[-1]):
+            break
     diverged = len(losses) < setting.steps or not math.isfinite(losses[-1])
     final = {"nll": float("nan")} if diverged else scores(task, evaluator, evaluation, generate)
     if not diverged and probe_steps:
@@ -344,21 +336,10 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
             f"{pct(row['final_exact_match_mean'], row['final_exact_match_std'])} | "
             f"{num(row['early_nll_mean'], row['early_nll_std'])} | {num(row['final_nll_mean'], row['final_nll_std'])} | "
             f"{row['adapter_params']:,} | {ratio} |")
-    lines += ["", "Validation NLL by learning rate (seed 0; the rates the walk tried):", "",
-              "| method | " + " | ".join(f"{lr:g}" for lr in setting.lr_grid) + " |",
-              "|---|" + "---|" * len(setting.lr_grid)]
-    for row in summary["rows"]:
-        cells = []
-        for lr in setting.lr_grid:
-            value = row["val_nll_by_lr"].get(lr)
-            cells.append("—" if value is None else "diverged" if not math.isfinite(value) else f"{value:.3f}")
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean rank by projection (over layers and seeds):", "",
-              "| method | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
-    for row in summary["rows"]:
-        if row["mean_rank_by_kind"]:
-            lines.append(f"| {row['method']} | " + " | ".join(
-                f"{row['mean_rank_by_kind'].get(k, float('nan')):.1f}" for k in TARGETS) + " |")
+    lines += ["", "Validation NLL by learning rate (seed 0; the rates the walk tried):", ""]
+    lines += rate_table(summary["rows"], setting.lr_grid, "val_nll_by_lr",
+                        lambda value: "diverged" if not math.isfinite(value) else f"{value:.3f}")
+    lines += ["", "Mean rank by projection (over layers and seeds):", ""] + rank_table(summary["rows"], TARGETS)
     if summary["regime"]:
         steps = sorted({int(k) for r in summary["regime"] for k in r["probes"]})
         lines += ["", f"The paper's regime: LoRA+ (B's rate ×{setting.loraplus_ratio:g}), weight decay "
@@ -392,12 +373,7 @@ def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: 
         f"{env['date']}. {setting.steps} steps of {setting.batch_size} per method under bf16 autocast, seed 0; "
         f"init in float32 on {setting.grad_steps} batches (GoRA, LoRA-GA: gradient steps; EVA: forward passes "
         "until its SVDs converge, cycling the batches; GoRA γ search: one more batch, 52 candidate γ).", "",
-        f"| method | init s | s / training step | init as % of {full_steps} training steps |", "|---|---|---|---|",
-    ]
-    for row in final:
-        per_step = row["train_s"] / max(1, len(row["losses"]))
-        lines.append(f"| {row['method']} | {row['init_s']:.2f} | {per_step:.3f} | "
-                     f"{100 * row['init_s'] / (per_step * full_steps):.1f} % |")
+    ] + timing_table(final, full_steps)
     return "\n".join(lines) + "\n"
 
 
