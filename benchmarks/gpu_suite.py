@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -341,13 +342,18 @@ def run_child(name: str, options, limit_s: float) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--step", name, "--result", result_file, "--out", options.out]
     command += ["--dry-run"] if options.dry_run else []
     start = time.perf_counter()
+    # its own process group: a step cut off takes its children (kernels.py, torchrun's worker) with it,
+    # so nothing it started keeps the GPU busy during the next step
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                               start_new_session=True)
     try:
-        process = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=limit_s)
+        stdout, stderr = process.communicate(timeout=limit_s)
         status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
-        tail = (process.stdout + process.stderr)[-2500:]
-    except subprocess.TimeoutExpired as error:
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         status = f"timed out after {limit_s:.0f} s"
-        tail = ((error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace"))[-2500:]
+    tail = (stdout + stderr)[-2500:]
     entry = {"status": status, "wall_s": time.perf_counter() - start}
     if status == "ok" and os.path.exists(result_file):
         with open(result_file) as handle:

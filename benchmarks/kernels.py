@@ -359,13 +359,16 @@ def main(argv=None) -> int:
         chosen = {kind: chosen[kind][:1] for kind in shapes}
         ranks = {f"model.layers.{i}.{p}": ranks[f"model.layers.{i}.{p}"] for i in range(layers) for p in projections}
     print(f"rank map (rank: layers): {rank_counts}; timing ranks {chosen}")
-    layer_results = layer_rows(chosen, tokens_list, shapes, device, timer)
-    grouped = grouped_rows(chosen, tokens_list, shapes, device, timer)
-    init_timer = make_timer(options.dry_run, rep_ms=2000)  # one call takes tens of ms: more repetitions
-    init = [] if options.skip_init else init_rows(ranks, device, init_timer, projections, layers)
     meta = {**environment(device), "dry_run": options.dry_run, "quick": options.quick, "tokens": tokens_list}
     results_dir = options.results or (tempfile.mkdtemp(prefix="gora-kernels-dry-run-") if options.dry_run
                                       else os.path.join(ROOT, "benchmarks", "results"))
+    # written after each part, so a run cut off (the GPU suite's time limit) keeps what it measured
+    layer_results = layer_rows(chosen, tokens_list, shapes, device, timer)
+    write_results(results_dir, meta, layer_results, [], [], rank_counts)
+    grouped = grouped_rows(chosen, tokens_list, shapes, device, timer)
+    write_results(results_dir, meta, layer_results, grouped, [], rank_counts)
+    init_timer = make_timer(options.dry_run, rep_ms=2000)  # one call takes tens of ms: more repetitions
+    init = [] if options.skip_init else init_rows(ranks, device, init_timer, projections, layers)
     stem = write_results(results_dir, meta, layer_results, grouped, init, rank_counts)
     print(f"wrote {stem}.json and {stem}.md")
     return 0

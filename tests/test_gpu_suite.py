@@ -60,3 +60,14 @@ def test_budget_cuts_a_step_off_and_keeps_what_ran_before(tmp_path):
     assert steps["kernels"]["status"].startswith("timed out"), steps["kernels"]
     assert steps["init_kernels_on"]["status"].startswith("not run"), steps["init_kernels_on"]
     assert "kernels: timed out" in (tmp_path / "gpu_dry_run.md").read_text()
+    # the cut-off step's own child (kernels.py) went with it: nothing keeps running into the next step
+    assert not [pid for pid, line in _command_lines() if "kernels.py" in line and str(tmp_path) in line]
+
+
+def _command_lines():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                yield pid, handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
