@@ -274,9 +274,11 @@ def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
     one rank under torchrun): its plan against one process's, the losses, what stayed unchanged."""
     import torch
 
+    from gora_dist.launcher.runner import free_port
+
     folder = tempfile.mkdtemp(prefix="gora-suite-trainer-")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-               str(_free_port()), os.path.join(ROOT, "tests", "dist", "trainer_worker.py"), "device", folder]
+               str(free_port()), os.path.join(ROOT, "tests", "dist", "trainer_worker.py"), "device", folder]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.path.join(ROOT, "tests"),
                                                                    os.environ.get("PYTHONPATH")])))
     if dry_run:
@@ -299,14 +301,6 @@ def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
             "target_elements": facts["target_elements"],
             "ok": bool(facts["rank_map"] == reference["rank_map"] and gap < 1e-4 and losses[-1] < losses[0]
                        and facts["base_unchanged"] and facts["peft_loaded"] > 0)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 CHILD_STEPS = {
