@@ -56,6 +56,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 # ── the steps, each run in a child: python gpu_suite.py --step NAME --result FILE [--dry-run] ──
 
+def checkout_env(*paths: str) -> dict:
+    """This environment with the checkout (and ``paths``) first on PYTHONPATH: nothing is installed."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, *paths, os.environ.get("PYTHONPATH")])))
+
+
 def _sync() -> None:
     import torch
 
@@ -110,7 +115,7 @@ def step_gpu_tests(dry_run: bool, out: str) -> dict:
     # "without_a_gpu": the sm_90 compile check, which the CPU test suite runs already
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu and not without_a_gpu",
                os.path.join(ROOT, "tests", "test_kernels.py"), "-rs"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = checkout_env()
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     with open(log, "w") as handle:
@@ -279,8 +284,7 @@ def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
     folder = tempfile.mkdtemp(prefix="gora-suite-trainer-")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                str(free_port()), os.path.join(ROOT, "tests", "dist", "trainer_worker.py"), "device", folder]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.path.join(ROOT, "tests"),
-                                                                   os.environ.get("PYTHONPATH")])))
+    env = checkout_env(os.path.join(ROOT, "tests"))
     if dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -324,8 +328,8 @@ PLAN = [("environment", 60, 20), ("gpu_tests", 150, 60), ("kernels", 150, 60), (
 def run_child(name: str, options, limit_s: float) -> dict:
     """Run one step in a child process within ``limit_s``; its result, or why there is none."""
     result_file = os.path.join(options.out, f".step_{name}.json")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
+    env = checkout_env()
+    env["PYTHONUNBUFFERED"] = "1"
     if name.endswith("kernels_off"):
         env["GORA_DISABLE_KERNELS"] = "1"
     else:

@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     commit = environment()["commit"]
 
     def recorded(spec: RunSpec, train_split, evaluation, generate: bool) -> dict:
-        key = {k: v for k, v in asdict(spec).items()}
+        key = asdict(spec)
         fresh = log.find(**key) is None
         row = log.get_or_run(lambda: dict(run_one(spec, base, task, train_split, evaluation, setting, generate),
                                           commit=commit), **key)
