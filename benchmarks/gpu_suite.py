@@ -304,7 +304,8 @@ def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
             "peft_loaded_layers": facts["peft_loaded"], "held_elements": facts["held_elements"],
             "target_elements": facts["target_elements"],
             "ok": bool(facts["rank_map"] == reference["rank_map"] and gap < 1e-4 and losses[-1] < losses[0]
-                       and facts["base_unchanged"] and facts["peft_loaded"] > 0)}
+                       and facts["base_unchanged"] and facts["peft_loaded"] > 0 and facts["fsdp_plugin"]
+                       and facts["sharded_weights"])}
 
 
 CHILD_STEPS = {

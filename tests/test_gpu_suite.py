@@ -44,8 +44,9 @@ def test_dry_run_runs_every_step_and_the_kernel_path_matches_the_torch_path(tmp_
     sft_on, sft_off = steps["sft_kernels_on"]["result"], steps["sft_kernels_off"]["result"]
     assert sft_on["finite"] and sft_off["finite"]
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(sft_on["losses"], sft_off["losses"])), (sft_on, sft_off)
-    trainer = steps["trainer_fsdp2"]["result"]  # on the CPU the Trainer runs DDP: the script is what is checked
+    trainer = steps["trainer_fsdp2"]["result"]  # on the CPU with accelerate's device gate lifted (fsdp_on_cpu.py)
     assert trainer["ok"] and trainer["rank_map_equal"] and trainer["last_loss"] < trainer["first_loss"], trainer
+    assert trainer["fsdp_plugin"] and trainer["sharded_weights"], trainer
     text = (tmp_path / "gpu_dry_run.md").read_text()
     assert text.startswith("# DRY RUN on the CPU, NOT A MEASUREMENT") and "| trainer_fsdp2 | ok |" in text
 

@@ -138,7 +138,7 @@ def test_trainer_and_trl_under_zero3_at_two_ranks_and_a_resumed_checkpoint(tmp_p
         assert fact["losses"] == pytest.approx(uninterrupted, rel=1e-4)
 
 
-def test_accelerate_and_fsdp2_with_peft_models_at_two_ranks(tmp_path, one_process_plan):
+def test_accelerate_fsdp2_and_the_trainer_under_fsdp2_at_two_ranks(tmp_path, one_process_plan):
     run_worker("torchrun", "torchrun", tmp_path)
     for scenario in ("accelerate_ddp", "peft_fsdp2", "trainer_fsdp_on_cpu"):
         for fact in facts(tmp_path, scenario):
@@ -152,3 +152,16 @@ def test_accelerate_and_fsdp2_with_peft_models_at_two_ranks(tmp_path, one_proces
     check_loads_in_peft(tmp_path / "accelerate" / "peft_adapter", one_process_plan.rank_map)
     for fact in facts(tmp_path, "trainer_fsdp_on_cpu"):  # accelerate trains with DDP on the CPU, and GoRA says so
         assert any("FSDP was asked for on the CPU" in message for message in fact["warnings"])
+    # the Trainer under FSDP2 proper (accelerate's device gate lifted on the CPU: tests/dist/fsdp_on_cpu.py)
+    trainer_fsdp2 = facts(tmp_path, "trainer_fsdp2")
+    for fact in trainer_fsdp2:
+        assert fact["fsdp2"] and fact["wrapped_as_is"] and fact["sharded_weights"]  # accelerate took GoRA's FSDPModule
+        check_plan(fact, one_process_plan)
+        check_training(fact)
+    assert trainer_fsdp2[0]["checksum"] == trainer_fsdp2[1]["checksum"]  # replicated adapters stayed equal
+    for folder in (tmp_path / "trainer_fsdp2" / "checkpoint-4" / "gora_adapter", tmp_path / "trainer_fsdp2" / "gora_adapter"):
+        check_loads_in_peft(folder, one_process_plan.rank_map)
+    assert (tmp_path / "trainer_fsdp2" / "checkpoint-4" / "model.safetensors").exists()  # the full-state checkpoint
+    for fact in facts(tmp_path, "resumed_fsdp2"):  # resumed at step 4 from its checkpoint and saved plan: the same run
+        assert fact["rank_map"] == one_process_plan.rank_map
+        assert fact["losses"] == pytest.approx(trainer_fsdp2[0]["losses"], rel=1e-6)

@@ -6,8 +6,9 @@
 zero3: the Trainer under DeepSpeed ZeRO-3 with GoRA's layers (a checkpoint at step 4), the same run
 resumed from that checkpoint with its saved plan, then TRL's SFTTrainer under ZeRO-3 with the plan as
 a PEFT model. torchrun: an accelerate loop (DDP on the CPU) with a PEFT model, a Trainer asked for
-FSDP2 on the CPU (accelerate runs DDP there: GoRA estimates with DDP and says so), and FSDP2 with
-the PEFT model in a plain loop. device (one rank, for benchmarks/gpu_suite.py): the Trainer with FSDP2
+FSDP2 on the CPU (accelerate runs DDP there: GoRA estimates with DDP and says so), FSDP2 with the
+PEFT model in a plain loop, then the Trainer under FSDP2 proper (accelerate's device gate lifted,
+tests/dist/fsdp_on_cpu.py) with checkpoints, and the same run resumed from its step-4 checkpoint. device (one rank, for benchmarks/gpu_suite.py): the Trainer with FSDP2
 on the GPU, the model sharded by GoRA. Each scenario writes OUT/<scenario>/rank<R>.json.
 """
 
@@ -195,13 +196,39 @@ def torchrun_scenarios(out):
     write(out, "peft_fsdp2", losses=losses, base_unchanged=base_unchanged(model), sharded_weights=sharded_weights,
           checksum=adapter_checksum(model), **plan_facts(plan))
 
+    # the Trainer with FSDP2 (accelerate's device gate lifted: tests/dist/fsdp_on_cpu.py), GoRA's layers
+    # on the model GoRA sharded; full-state checkpoints at step 4 and 8, then the run resumed at step 4
+    from fsdp_on_cpu import lift_accelerate_fsdp_device_gate
+
+    next_run(trainer)
+    lift_accelerate_fsdp_device_gate()
+    args = training_args(os.path.join(out, "trainer_fsdp2"), fsdp=True, fsdp_config={"version": 2})
+    model = tiny_llama()
+    plan = prepare_gora(model, dataset, CONFIG, args=args, engine="fsdp2")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(plan)])
+    trainer.train()
+    trained = trainer.model
+    write(out, "trainer_fsdp2", losses=losses_of(trainer), base_unchanged=base_unchanged(trained),
+          sharded_weights=all(hasattr(p, "device_mesh") for n, p in trained.named_parameters() if ".lora_" not in n),
+          fsdp2=trainer.accelerator.is_fsdp2, wrapped_as_is=trained is model, checksum=adapter_checksum(trained),
+          **plan_facts(plan))
+    next_run(trainer)
+    del trainer, model, trained
+
+    model = tiny_llama()
+    checkpoint = os.path.join(out, "trainer_fsdp2", "checkpoint-4")
+    resumed_plan = prepare_gora(model, dataset, CONFIG, args=args, engine="fsdp2",
+                                plan_from=os.path.join(checkpoint, "gora_adapter"))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(resumed_plan)])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    write(out, "resumed_fsdp2", rank_map=resumed_plan.rank_map, losses=losses_of(trainer))
+
 
 def device_scenarios(out):
     """One rank on the machine's GPU (benchmarks/gpu_suite.py): a Trainer asked for FSDP2 with the model
     GoRA sharded itself (engine="fsdp2": estimation under FSDP2, then accelerate takes the FSDPModule as
     it is), beside the plan one process computes with no engine on the same batches. Without a GPU
-    (the suite's dry run) accelerate wraps the model in DDP, which cannot take FSDP2's sharded
-    parameters, so the model is left unsharded there (engine "auto"): the dry run checks the script."""
+    (the suite's dry run) accelerate's device gate is lifted, as in the world-2 test."""
     import transformers
 
     from gora_dist import save_adapter
@@ -213,7 +240,11 @@ def device_scenarios(out):
     args = training_args(os.path.join(out, "trainer_device"), use_cpu=not on_gpu, fsdp=True,
                          fsdp_config={"version": 2}, save_strategy="no")
     model = tiny_llama().to(device)
-    engine = "fsdp2" if on_gpu else "auto"
+    if not on_gpu:
+        from fsdp_on_cpu import lift_accelerate_fsdp_device_gate
+
+        lift_accelerate_fsdp_device_gate()
+    engine = "fsdp2"
     plan = prepare_gora(model, dataset, CONFIG, args=args, engine=engine)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
