@@ -64,6 +64,23 @@ def test_trainer_trains_gora_adapters_and_saves_them_in_peft_format(tmp_path):
         torch.testing.assert_close(loaded(input_ids=probe).logits, model(input_ids=probe).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("zero3, fsdp, world, cpu, engine, warns", [
+    (True, None, 2, True, "zero3", False),     # a partitioned model / stage-3 config wins
+    (True, None, 1, False, "zero3", False),
+    (False, 2, 8, False, "fsdp2", False),      # a Trainer's FSDP2 on GPUs: GoRA shards and estimates the same way
+    (False, 2, 2, True, "ddp", True),          # accelerate trains with DDP on the CPU: so does the estimate, and says so
+    (False, 1, 8, False, "ddp", True),         # FSDP1: no sharded estimate, said
+    (False, 2, 1, False, "local", False),      # one process: nothing to shard
+    (False, None, 4, False, "ddp", False),
+    (False, None, 1, True, "local", False),
+])
+def test_the_engine_follows_what_the_run_will_do(zero3, fsdp, world, cpu, engine, warns):
+    from gora_dist.integrations.run_engine import choose_engine
+
+    chosen, warning = choose_engine(zero3=zero3, fsdp=fsdp, world=world, cpu=cpu)
+    assert chosen == engine and (warning is not None) == warns
+
+
 # --- two ranks: the Trainer, TRL and accelerate under ZeRO-3, FSDP2 and DDP (tests/dist/trainer_worker.py) ---
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))

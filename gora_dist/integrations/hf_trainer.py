@@ -34,7 +34,7 @@ from ..adapter_io import load_plan, save_plan
 from ..config import GoRAConfig
 from ..gather import full_parameters
 from ..plan import GoRAPlan, apply_plan
-from .run_engine import fsdp_version, on_cpu, shard_fsdp2, zero3_config
+from .run_engine import choose_engine, fsdp_version, on_cpu, shard_fsdp2, zero3_config
 
 
 def _rank_world() -> Tuple[int, int]:
@@ -67,22 +67,13 @@ def _estimate(model, train_dataset, config: GoRAConfig, *, args, accelerator, da
     extra = {}
     if engine == "auto":
         ds_config = zero3_config(args)
-        version = fsdp_version(args, accelerator)
-        if ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters()):
-            engine, extra = "zero3", {"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}
-        elif version is not None and world > 1 and on_cpu(args, accelerator):
-            warnings.warn("FSDP was asked for on the CPU, where accelerate trains with DDP instead: GoRA estimates "
-                          "with DDP as well (every rank holds the whole model and its target gradients)", stacklevel=3)
-            engine = "ddp"
-        elif version == 2 and world > 1:
-            engine = "fsdp2"
-        elif version == 1 and world > 1:
-            warnings.warn("FSDP1 run: GoRA estimates with DDP (every rank holds the whole model and its target "
-                          "gradients during the gradient steps); use FSDP2 (fsdp_config={'version': 2}) to shard it",
-                          stacklevel=3)
-            engine = "ddp"
-        else:
-            engine = "ddp" if world > 1 else "local"
+        zero3 = ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters())
+        engine, warning = choose_engine(zero3=zero3, fsdp=fsdp_version(args, accelerator), world=world,
+                                        cpu=on_cpu(args, accelerator))
+        if warning:
+            warnings.warn(warning, stacklevel=3)
+        if zero3:
+            extra = {"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}
     if engine == "fsdp2":
         shard_fsdp2(model, args, accelerator)
     if plan_from is not None:

@@ -5,7 +5,7 @@ that engine will hold it."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,27 @@ def on_cpu(args, accelerator) -> bool:
     """accelerate enables FSDP for accelerator devices only (a CPU run is MULTI_CPU, wrapped in DDP)."""
     device = getattr(accelerator, "device", None) if accelerator is not None else getattr(args, "device", None)
     return device is not None and torch.device(device).type == "cpu"
+
+
+CPU_FSDP_WARNING = ("FSDP was asked for on the CPU, where accelerate trains with DDP instead: GoRA estimates with "
+                    "DDP as well (every rank holds the whole model and its target gradients)")
+FSDP1_WARNING = ("FSDP1 run: GoRA estimates with DDP (every rank holds the whole model and its target gradients "
+                 "during the gradient steps); use FSDP2 (fsdp_config={'version': 2}) to shard it")
+
+
+def choose_engine(*, zero3: bool, fsdp: Optional[int], world: int, cpu: bool) -> Tuple[str, Optional[str]]:
+    """The estimation engine for a run, and a warning when it cannot shard as asked: ZeRO-3 when the
+    run uses it, FSDP2 when FSDP2 will run (several processes on accelerator devices), DDP for other
+    multi-process runs, ``local`` for one process."""
+    if zero3:
+        return "zero3", None
+    if fsdp is not None and world > 1 and cpu:
+        return "ddp", CPU_FSDP_WARNING
+    if fsdp == 2 and world > 1:
+        return "fsdp2", None
+    if fsdp == 1 and world > 1:
+        return "ddp", FSDP1_WARNING
+    return ("ddp" if world > 1 else "local"), None
 
 
 def fsdp2_policy(args, accelerator):
