@@ -77,7 +77,7 @@ class Setting:
     grad_steps: int = 8
     probe_steps: Sequence[int] = (0, 1, 2, 5, 10, 20, 40, 75)
     probe_examples: int = 128
-    lr_grid: Sequence[float] = (3e-5, 1e-4, 3e-4, 1e-3)
+    lr_grid: Sequence[float] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)  # the walk stops at an edge: the table marks it
     lr_start: float = 3e-4
     seeds: Sequence[int] = (0, 1, 2)
     methods: Sequence[str] = field(default_factory=lambda: list(METHODS))
@@ -331,8 +331,9 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
     ]
     for row in summary["rows"]:
         ratio = "—" if row["budget_ratio"] is None else f"{row['budget_ratio']:.3f}"
+        edge = " (grid edge)" if row["lr"] in (min(setting.lr_grid), max(setting.lr_grid)) else ""
         lines.append(
-            f"| {row['method']} | {row['lr']:g} | {pct(row['early_exact_match_mean'], row['early_exact_match_std'])} | "
+            f"| {row['method']} | {row['lr']:g}{edge} | {pct(row['early_exact_match_mean'], row['early_exact_match_std'])} | "
             f"{pct(row['final_exact_match_mean'], row['final_exact_match_std'])} | "
             f"{num(row['early_nll_mean'], row['early_nll_std'])} | {num(row['final_nll_mean'], row['final_nll_std'])} | "
             f"{row['adapter_params']:,} | {ratio} |")
