@@ -106,9 +106,9 @@ class Evaluator:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @torch.no_grad()
-    def logits(self, inputs: dict) -> torch.Tensor:
+    def logits(self, inputs: dict, **kwargs) -> torch.Tensor:
         with self.autocast():
-            return self.model(**inputs).logits.float()
+            return self.model(**inputs, **kwargs).logits.float()
 
     def generate(self, inputs: dict, **options) -> torch.Tensor:
         with self.autocast():
@@ -160,7 +160,8 @@ def param_groups(model: nn.Module, lr: float, loraplus_ratio: float, weight_deca
 
 def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, evaluation: Sequence,
             setting: Setting, generate: bool) -> dict:
-    """Prepare, train and score one run. Tuning runs (``spec.phase == "tune"``) skip the probes."""
+    """Prepare, train and score one run. The probes (test NLL of a subset over the steps) run in the
+    regime's runs and in each method's seed-0 final run: the others' would not be reported."""
     torch.manual_seed(spec.seed)
     model = copy.deepcopy(base)
     order = global_batch_indices(len(train), setting.batch_size, spec.seed, stream=0)
@@ -177,7 +178,8 @@ def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, eval
         optimizer, lambda step: warmup_cosine(step, setting.steps, setting.warmup_fraction, setting.min_lr_ratio))
     evaluator = Evaluator(model, setting.precision)
     probe_set = evaluation[:setting.probe_examples]
-    probe_steps = () if spec.phase == "tune" else setting.probe_steps
+    probed = spec.phase == "regime" or (spec.phase == "final" and spec.seed == setting.seeds[0])
+    probe_steps = setting.probe_steps if probed else ()
     early_step = max(1, round(setting.early_fraction * setting.steps))
     losses, probes, early = [], {}, None
     eval_s = train_s = 0.0
@@ -256,7 +258,10 @@ def summarise(tuning: List[dict], final: List[dict], regime: List[dict], rates: 
                    diverged=sum(r["diverged"] for r in runs), mean_rank_by_kind=kinds,
                    init_s=statistics.fmean(r["init_s"] for r in runs),
                    val_nll_by_lr={r["lr"]: r["final"]["nll"] for r in tuning if r["method"] == method},
-                   gamma_used=[r["gamma_used"] for r in runs])
+                   gamma_used=[r["gamma_used"] for r in runs],
+                   probes=next((r["probes"] for r in runs if r["seed"] == setting.seeds[0]), {}),
+                   probed_exact_match=next((r["final"].get("exact_match") for r in runs if r["seed"] == setting.seeds[0]),
+                                           None))
         row["budget_ratio"] = row["adapter_params"] / reference if reference else None
         for moment in ("early", "final"):
             for metric in ("exact_match", "nll"):
@@ -341,20 +346,20 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
     lines += rate_table(summary["rows"], setting.lr_grid, "val_nll_by_lr",
                         lambda value: "diverged" if not math.isfinite(value) else f"{value:.3f}")
     lines += ["", "Mean rank by projection (over layers and seeds):", ""] + rank_table(summary["rows"], TARGETS)
+    probed = [row for row in summary["rows"] if row["probes"]]
+    if probed:
+        lines += ["", f"Test NLL on the first {setting.probe_examples} test problems after each number of steps, "
+                  f"seed {setting.seeds[0]} at each method's tuned rate (how long an initialisation's head start lasts):",
+                  ""] + probe_table([(row["method"], row["lr"], row["probes"], row["probed_exact_match"])
+                                     for row in probed])
     if summary["regime"]:
-        steps = sorted({int(k) for r in summary["regime"] for k in r["probes"]})
         lines += ["", f"The paper's regime: LoRA+ (B's rate ×{setting.loraplus_ratio:g}), weight decay "
                   f"{setting.regime_weight_decay:g}, seed {setting.seeds[0]}; test NLL on the first "
                   f"{setting.probe_examples} test problems after each number of steps, and the whole test set's "
-                  "exact match at the end:", "",
-                  "| method | base lr | " + " | ".join(f"step {s}" for s in steps) + " | exact match (%) |",
-                  "|---|---|" + "---|" * len(steps) + "---|"]
-        for r in sorted(summary["regime"], key=lambda r: (r["lr"], r["method"] != "LoRA", r["gamma"] or 0.0)):
-            name = r["method"] if r["gamma"] is None else f"{r['method']} γ={r['gamma']:g}"
-            em = r["final_exact_match"]
-            lines.append(f"| {name} | {r['lr']:g} | " + " | ".join(
-                f"{r['probes'][str(s)]:.3f}" if str(s) in r["probes"] else "—" for s in steps) + " | "
-                + ("—" if em is None else f"{100 * em:.2f}") + " |")
+                  "exact match at the end:", ""]
+        ordered = sorted(summary["regime"], key=lambda r: (r["lr"], r["method"] != "LoRA", r["gamma"] or 0.0))
+        lines += probe_table([(r["method"] if r["gamma"] is None else f"{r['method']} γ={r['gamma']:g}", r["lr"],
+                               r["probes"], r["final_exact_match"]) for r in ordered], rate_name="base lr")
     lines += ["", "The paper's claims, here:", "", "| claim | metric | figures | holds | beyond the seeds' std |",
               "|---|---|---|---|---|"]
     for c in summary["claims"]:
@@ -364,6 +369,19 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
     lines += ["", "Wall times (init_s, train_s per run) are in the JSON; when runs share the machine they are not "
               "comparable: `--timing` measures them alone."]
     return "\n".join(lines) + "\n"
+
+
+def probe_table(entries: List[tuple], rate_name: str = "lr") -> List[str]:
+    """Rows of (name, lr, probes by step, final exact match or None) as a markdown table."""
+    steps = sorted({int(k) for _, _, probes, _ in entries for k in probes})
+    lines = [f"| method | {rate_name} | " + " | ".join(f"step {s}" for s in steps) + " | exact match (%) |",
+             "|---|---|" + "---|" * len(steps) + "---|"]
+    for name, lr, probes, em in entries:
+        known = em is not None and math.isfinite(em)
+        lines.append(f"| {name} | {lr:g} | " + " | ".join(
+            f"{probes[str(s)]:.3f}" if str(s) in probes else "—" for s in steps) + " | "
+            + (f"{100 * em:.2f}" if known else "—") + " |")
+    return lines
 
 
 def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: int) -> str:

@@ -72,6 +72,10 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
             assert 0.9 <= row["budget_ratio"] <= 1.1, f"{method}: {row['adapter_params']:,} parameters, not LoRA's budget"
     assert all(gamma is not None and gamma >= 0 for gamma in rows["GoRA γ search"]["gamma_used"])
     runs = [json.loads(line) for line in (tmp_path / "quality_sft_quick_runs.jsonl").read_text().splitlines()]
+    final = [run for run in runs if run["phase"] == "final"]  # each method's seed-0 run is probed, tuning is not
+    assert final and all(set(run["probes"]) == {"0", "1", "4"} for run in final)
+    assert all(run["probes"] == {} for run in runs if run["phase"] == "tune")
+    assert all(set(row["probes"]) == {"0", "1", "4"} for row in rows.values())
     regime = [run for run in runs if run["phase"] == "regime"]
     assert {(run["method"], run["gamma"]) for run in regime} == {("LoRA", None)} | {("GoRA", g) for g in (0.0, 5e-2)}
     assert all(run["loraplus_ratio"] == 16.0 and set(run["probes"]) == {"0", "1", "4"} for run in regime)

@@ -234,6 +234,35 @@ def test_micro_batch_losses_add_up_to_the_global_token_mean(tmp_path):
     assert abs(float(unscaled - reference)) > 1e-4  # a per-micro-batch mean would differ
 
 
+
+def test_response_nll_from_the_response_positions_alone_equals_the_full_logits_loss(tmp_path):
+    """The scoring asks the model for logits at the positions that predict a response token only;
+    its NLL must be the model's own loss on full logits over the same tokens (float32: to summation
+    order), with far fewer positions computed."""
+    from types import SimpleNamespace
+
+    data = write_sft_records(str(tmp_path / "data.jsonl"), count=40)
+    config = load_config(["--model", "tiny-llama", "--task", "sft", "--data", data, "--eval-examples", "4"])
+    task = SFTTask(config, ByteTokenizer())
+    model = load_model("tiny-llama").eval()
+    examples = task.train[:7]
+    widths = []
+
+    class Spy:
+        @torch.no_grad()
+        def logits(self, inputs, **kwargs):
+            logits = model(**inputs, **kwargs).logits.float()
+            widths.append((logits.shape[1], inputs["input_ids"].shape[1]))
+            return logits
+
+    setup = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
+    nll = task.response_nll(Spy(), setup, batch_size=3, examples=examples)  # chunks of 3, 3 and 1
+    with torch.no_grad():
+        reference = model(**task.batch(examples)).loss
+    assert nll == pytest.approx(float(reference), rel=1e-6)
+    assert len(widths) == 3 and all(kept < width / 2 for kept, width in widths), widths
+
+
 # --- a chat run on a local model folder --------------------------------------------------------------
 
 def test_chat_data_on_a_local_model_folder(tmp_path):

@@ -9,7 +9,7 @@ is a new module with one class; the run does not change.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Protocol, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,17 +33,23 @@ class Task(Protocol):
         """(metrics, samples): samples are a few readable predictions, on rank 0 only ([] elsewhere)."""
 
 
-def rank_chunks(examples: Sequence, setup, size: int) -> Iterator[Tuple[list, int, List[int]]]:
+def rank_chunks(examples: Sequence, setup, size: int,
+                length: Optional[Callable[[object], int]] = None) -> Iterator[Tuple[list, int, List[int]]]:
     """This rank's examples (``examples[rank::world]``) in chunks of ``size``: (chunk, real, indices).
 
-    Every rank yields the same number of chunks, each of ``size``: a short one is padded with
-    ``examples[0]`` (``real`` of them count), because under FSDP2 and ZeRO-3 every forward needs every rank.
+    Every rank yields the same number of chunks, each of ``size``: a short one is padded with a copy of
+    its own last example (``examples[0]`` when empty; ``real`` of them count), because under FSDP2 and
+    ZeRO-3 every forward needs every rank. ``length``: this rank's examples go by length, so each chunk
+    pads to a width near its own (unsorted, padding was almost half of ASDiv's scoring compute).
     """
     mine = list(range(setup.rank, len(examples), setup.world))
+    if length is not None:
+        mine.sort(key=lambda i: length(examples[i]))
     for start in range(0, math.ceil(math.ceil(len(examples) / setup.world) / size) * size, size):
         indices = mine[start:start + size]
         chunk = [examples[i] for i in indices]
-        yield chunk + [examples[0]] * (size - len(chunk)), len(chunk), indices
+        filler = chunk[-1] if chunk else examples[0]
+        yield chunk + [filler] * (size - len(chunk)), len(chunk), indices
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -78,10 +78,15 @@ class SFTTask:
     # --- evaluation ------------------------------------------------------------------------------------
 
     def _nll(self, evaluator, chunk, real: int, device) -> tuple:
+        """Summed NLL of the response tokens and their count. Only the positions that predict a response
+        token get logits (``logits_to_keep``): the full vocabulary at every position would be most
+        of the cost, for a few answer tokens per problem."""
         batch = self._right_padded(chunk, [example.response_mask for example in chunk])
         labels = batch.pop("labels")
-        logits = evaluator.logits(to_device(batch, device))[:real, :-1]
-        targets = labels[:real, 1:].to(logits.device)
+        targets = labels[:real, 1:]
+        positions = torch.nonzero((targets != -100).any(0)).flatten()  # position t predicts token t + 1
+        logits = evaluator.logits(to_device(batch, device), logits_to_keep=positions.to(device))[:real]
+        targets = targets[:, positions].to(logits.device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                               reduction="sum")
         return float(nll), int((targets != -100).sum())
@@ -106,7 +111,8 @@ class SFTTask:
     def response_nll(self, evaluator, setup, batch_size: int, examples: Optional[Sequence] = None) -> float:
         """Mean negative log-likelihood per response token over ``examples`` (the held-out ones by default)."""
         nll_sum = tokens = 0.0
-        for chunk, real, _ in rank_chunks(self.evaluation if examples is None else examples, setup, batch_size):
+        examples = self.evaluation if examples is None else examples
+        for chunk, real, _ in rank_chunks(examples, setup, batch_size, length=lambda example: len(example.ids)):
             nll, count = self._nll(evaluator, chunk, real, setup.device)
             nll_sum, tokens = nll_sum + nll, tokens + count
         nll_sum, tokens = all_sum([nll_sum, tokens], setup)
@@ -117,7 +123,7 @@ class SFTTask:
         examples = self.evaluation if examples is None else examples
         matches = 0.0
         samples = []
-        for chunk, real, indices in rank_chunks(examples, setup, batch_size):
+        for chunk, real, indices in rank_chunks(examples, setup, batch_size, length=lambda example: len(example.prompt_ids)):
             for index, example, text in zip(indices, chunk, self._generate(evaluator, chunk, setup.device)[:real]):
                 match = answers_match(text, example.reference, self.config.answer_match)
                 matches += match
