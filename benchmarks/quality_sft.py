@@ -249,6 +249,7 @@ def summarise(tuning: List[dict], final: List[dict], regime: List[dict], rates: 
         runs = [r for r in final if r["method"] == method]
         if not runs:
             continue
+        probed = next((r for r in runs if r["seed"] == setting.seeds[0]), None)  # the run with the probes
         kinds = {}
         for kind in TARGETS:
             values = [rank for r in runs for layer, rank in r["ranks"].items() if kind_of(layer) == kind]
@@ -259,9 +260,8 @@ def summarise(tuning: List[dict], final: List[dict], regime: List[dict], rates: 
                    init_s=statistics.fmean(r["init_s"] for r in runs),
                    val_nll_by_lr={r["lr"]: r["final"]["nll"] for r in tuning if r["method"] == method},
                    gamma_used=[r["gamma_used"] for r in runs],
-                   probes=next((r["probes"] for r in runs if r["seed"] == setting.seeds[0]), {}),
-                   probed_exact_match=next((r["final"].get("exact_match") for r in runs if r["seed"] == setting.seeds[0]),
-                                           None))
+                   probes=probed["probes"] if probed else {},
+                   probed_exact_match=probed["final"].get("exact_match") if probed else None)
         row["budget_ratio"] = row["adapter_params"] / reference if reference else None
         for moment in ("early", "final"):
             for metric in ("exact_match", "nll"):

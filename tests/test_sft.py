@@ -234,7 +234,6 @@ def test_micro_batch_losses_add_up_to_the_global_token_mean(tmp_path):
     assert abs(float(unscaled - reference)) > 1e-4  # a per-micro-batch mean would differ
 
 
-
 def test_response_nll_from_the_response_positions_alone_equals_the_full_logits_loss(tmp_path):
     """The scoring asks the model for logits at the positions that predict a response token only;
     its NLL must be the model's own loss on full logits over the same tokens (float32: to summation

@@ -8,8 +8,9 @@ resumed from that checkpoint with its saved plan, then TRL's SFTTrainer under Ze
 a PEFT model. torchrun: an accelerate loop (DDP on the CPU) with a PEFT model, a Trainer asked for
 FSDP2 on the CPU (accelerate runs DDP there: GoRA estimates with DDP and says so), FSDP2 with the
 PEFT model in a plain loop, then the Trainer under FSDP2 proper (accelerate's device gate lifted,
-tests/dist/fsdp_on_cpu.py) with checkpoints, and the same run resumed from its step-4 checkpoint. device (one rank, for benchmarks/gpu_suite.py): the Trainer with FSDP2
-on the GPU, the model sharded by GoRA. Each scenario writes OUT/<scenario>/rank<R>.json.
+tests/dist/fsdp_on_cpu.py) with checkpoints, and the same run resumed from its step-4 checkpoint.
+device (one rank, for benchmarks/gpu_suite.py): the Trainer with FSDP2 on the GPU, the model sharded
+by GoRA. Each scenario writes OUT/<scenario>/rank<R>.json.
 """
 
 import json
@@ -86,6 +87,25 @@ def next_run(trainer):
     AcceleratorState._reset_state()
 
 
+def sharded_weights(model) -> bool:
+    """Every non-adapter weight is an FSDP2 shard (a DTensor)."""
+    return all(hasattr(p, "device_mesh") for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def resume_at_step_4(out, scenario, model, dataset, args, **prepare_options):
+    """The run in ``args.output_dir`` resumed from its step-4 checkpoint with the plan saved there (no
+    second estimation); writes the rank map and the losses as ``scenario`` and returns the trainer."""
+    import transformers
+
+    checkpoint = os.path.join(args.output_dir, "checkpoint-4")
+    plan = prepare_gora(model, dataset, CONFIG, args=args, plan_from=os.path.join(checkpoint, "gora_adapter"),
+                        **prepare_options)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(plan)])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    write(out, scenario, rank_map=plan.rank_map, losses=losses_of(trainer))
+    return trainer
+
+
 def losses_of(trainer):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -113,11 +133,7 @@ def zero3_scenarios(out):
 
     # the same run resumed from its step-4 checkpoint: the saved plan, not a second estimation
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    checkpoint = os.path.join(out, "trainer", "checkpoint-4")
-    resumed_plan = prepare_gora(model, dataset, CONFIG, args=args, plan_from=os.path.join(checkpoint, "gora_adapter"))
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(resumed_plan)])
-    trainer.train(resume_from_checkpoint=checkpoint)
-    write(out, "resumed_zero3", rank_map=resumed_plan.rank_map, losses=losses_of(trainer))
+    trainer = resume_at_step_4(out, "resumed_zero3", model, dataset, args)
     next_run(trainer)
     del trainer, model
 
@@ -182,7 +198,6 @@ def torchrun_scenarios(out):
     model, plan = prepare_gora_peft(tiny_llama(), dataset, CONFIG, engine="fsdp2",
                                     global_batch_size=PER_DEVICE * dist.get_world_size())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    sharded_weights = all(hasattr(p, "device_mesh") for n, p in model.named_parameters() if ".lora_" not in n)
     losses = []
     model.train()
     for step in range(STEPS):
@@ -193,7 +208,7 @@ def torchrun_scenarios(out):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
-    write(out, "peft_fsdp2", losses=losses, base_unchanged=base_unchanged(model), sharded_weights=sharded_weights,
+    write(out, "peft_fsdp2", losses=losses, base_unchanged=base_unchanged(model), sharded_weights=sharded_weights(model),
           checksum=adapter_checksum(model), **plan_facts(plan))
 
     # the Trainer with FSDP2 (accelerate's device gate lifted: tests/dist/fsdp_on_cpu.py), GoRA's layers
@@ -209,19 +224,13 @@ def torchrun_scenarios(out):
     trainer.train()
     trained = trainer.model
     write(out, "trainer_fsdp2", losses=losses_of(trainer), base_unchanged=base_unchanged(trained),
-          sharded_weights=all(hasattr(p, "device_mesh") for n, p in trained.named_parameters() if ".lora_" not in n),
+          sharded_weights=sharded_weights(trained),
           fsdp2=trainer.accelerator.is_fsdp2, wrapped_as_is=trained is model, checksum=adapter_checksum(trained),
           **plan_facts(plan))
     next_run(trainer)
     del trainer, model, trained
 
-    model = tiny_llama()
-    checkpoint = os.path.join(out, "trainer_fsdp2", "checkpoint-4")
-    resumed_plan = prepare_gora(model, dataset, CONFIG, args=args, engine="fsdp2",
-                                plan_from=os.path.join(checkpoint, "gora_adapter"))
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GoRAAdapterSaver(resumed_plan)])
-    trainer.train(resume_from_checkpoint=checkpoint)
-    write(out, "resumed_fsdp2", rank_map=resumed_plan.rank_map, losses=losses_of(trainer))
+    resume_at_step_4(out, "resumed_fsdp2", tiny_llama(), dataset, args, engine="fsdp2")
 
 
 def device_scenarios(out):
@@ -249,15 +258,14 @@ def device_scenarios(out):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     trained = trainer.model
-    sharded = all(hasattr(p, "device_mesh") for n, p in trained.named_parameters() if ".lora_" not in n)
     adapters_on = sorted({str(p.device.type) for n, p in trained.named_parameters() if ".lora_" in n})
     folder = os.path.join(out, "trainer_fsdp2_device", "adapter")
     save_adapter(trained, folder, plan.report)
     from peft import PeftModel
 
     loaded = PeftModel.from_pretrained(tiny_llama(), folder)
-    write(out, "trainer_fsdp2_device", device=str(device), engine=engine, losses=losses_of(trainer), sharded_weights=sharded,
-          adapter_devices=adapters_on, base_unchanged=base_unchanged(trained),
+    write(out, "trainer_fsdp2_device", device=str(device), engine=engine, losses=losses_of(trainer),
+          sharded_weights=sharded_weights(trained), adapter_devices=adapters_on, base_unchanged=base_unchanged(trained),
           peft_loaded=sum(1 for n, _ in loaded.named_parameters() if ".lora_A" in n),
           fsdp_plugin=getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None,
           reference=plan_facts(reference), **plan_facts(plan))
