@@ -1,5 +1,5 @@
 """What the quality benchmarks share beside their methods: the runs file that makes a protocol
-resumable, the learning-rate schedule, rate selection, mean ± std, the environment record and the
+resumable, the learning-rate schedule, rate selection, mean ± std, a paired bootstrap, the environment record and the
 loss-curve plot. Pure functions and one small class; no task in here."""
 
 from __future__ import annotations
@@ -91,6 +91,30 @@ def mean_std(values: Iterable[Optional[float]]) -> tuple:
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_bootstrap(first: Sequence[Sequence[float]], second: Sequence[Sequence[float]],
+                     denominators: Optional[Sequence[float]] = None, draws: int = 10_000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """The gap between two methods scored on the same problems, with a bootstrap interval over the problems.
+
+    ``first`` and ``second``: per seed, one numerator per problem (a match 0/1, a summed NLL); each
+    method's metric is Σ numerator / Σ ``denominators`` (token counts; 1 each by default) of its
+    seed-mean per problem. The problems are resampled together for both methods (paired), so a gap
+    the test set's own luck could make shows as an interval that crosses 0: the seeds' std alone
+    does not see that noise. Returns the gap (first − second) and the interval's ends."""
+    a = torch.tensor([list(map(float, s)) for s in first], dtype=torch.float64).mean(0)
+    b = torch.tensor([list(map(float, s)) for s in second], dtype=torch.float64).mean(0)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap: {a.numel()} and {b.numel()} problems; a paired gap needs the same ones")
+    d = torch.ones_like(a) if denominators is None else torch.tensor(list(map(float, denominators)), dtype=torch.float64)
+    if d.shape != a.shape:
+        raise ValueError(f"paired_bootstrap: {d.numel()} denominators for {a.numel()} problems")
+    picks = torch.randint(0, a.numel(), (draws, a.numel()), generator=torch.Generator().manual_seed(seed))
+    gaps = (a[picks].sum(1) - b[picks].sum(1)) / d[picks].sum(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(gaps, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return dict(gap=float((a.sum() - b.sum()) / d.sum()), low=low, high=high, level=level)
 
 
 def rate_table(rows: List[dict], grid: Sequence[float], values: str, cell: Callable[[float], str]) -> List[str]:

@@ -49,8 +49,8 @@ from gora_dist.launcher.tasks.sft import SFTTask  # noqa: E402
 from gora_dist.launcher.tokenizer import load_tokenizer  # noqa: E402
 from gora_dist.launcher.training import greedy_generate  # noqa: E402
 from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
-from protocol import (RunLog, best_rate, environment, mean_std, plot_mean_curves, rank_table,  # noqa: E402
-                      rate_table, timing_table, train_step, warmup_cosine)  # noqa: E402
+from protocol import (RunLog, best_rate, environment, mean_std, paired_bootstrap, plot_mean_curves,  # noqa: E402
+                      rank_table, rate_table, timing_table, train_step, warmup_cosine)  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHOD_SETTING = MethodSetting(targets=TARGETS, task_type="CAUSAL_LM", rank=8, alpha=16.0, gamma=5e-2)
@@ -118,11 +118,18 @@ class Evaluator:
 ONE_PROCESS = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
 
 
-def scores(task: SFTTask, evaluator: Evaluator, examples: Sequence, generate: bool, batch_size: int = 50) -> dict:
+def scores(task: SFTTask, evaluator: Evaluator, examples: Sequence, generate: bool, batch_size: int = 50,
+           keep_examples: bool = False) -> dict:
+    """Mean response NLL per token (and exact match): with ``keep_examples``, each problem's figures
+    too (``by_example``), for the claims' paired intervals."""
     evaluator.model.eval()
-    found = {"nll": task.response_nll(evaluator, ONE_PROCESS, batch_size, examples)}
+    each = task.scores_by_example(evaluator, ONE_PROCESS, batch_size, examples, generate)
+    found = {"nll": sum(each["nll"]) / sum(each["tokens"])}
     if generate:
-        found["exact_match"] = task.exact_match(evaluator, ONE_PROCESS, batch_size, examples)[0]
+        found["exact_match"] = sum(each["match"]) / len(each["match"])
+    if keep_examples:
+        found["by_example"] = dict(nll=[round(value, 5) for value in each["nll"]], tokens=each["tokens"],
+                                   **({"match": [int(m) for m in each["match"]]} if generate else {}))
     return found
 
 
@@ -199,7 +206,7 @@ def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, eval
         if not math.isfinite(losses[-1]):
             break
     diverged = len(losses) < setting.steps or not math.isfinite(losses[-1])
-    final = {"nll": float("nan")} if diverged else scores(task, evaluator, evaluation, generate)
+    final = {"nll": float("nan")} if diverged else scores(task, evaluator, evaluation, generate, keep_examples=True)
     if not diverged and probe_steps:
         probes[setting.steps] = scores(task, evaluator, probe_set, generate=False)["nll"]
     return dict(init_s=init_s, train_s=train_s, eval_s=eval_s, losses=losses, diverged=diverged,
@@ -270,19 +277,33 @@ def summarise(tuning: List[dict], final: List[dict], regime: List[dict], rates: 
     regime_rows = [dict(method=r["method"], gamma=r["gamma"], lr=r["lr"], probes=r["probes"],
                         final_nll=r["final"]["nll"], final_exact_match=r["final"].get("exact_match"),
                         diverged=r["diverged"]) for r in regime]
-    return dict(rows=rows, best_rates=rates, regime=regime_rows, claims=claims(rows, regime_rows, setting))
+    return dict(rows=rows, best_rates=rates, regime=regime_rows, claims=claims(rows, regime, setting, final))
 
 
 def _row(rows: List[dict], method: str) -> Optional[dict]:
     return next((row for row in rows if row["method"] == method), None)
 
 
-def claims(rows: List[dict], regime: List[dict], setting: Setting) -> List[dict]:
-    """The paper's claims, each with the figures that decide it here (None where a run is missing)."""
+def paired_interval(first: List[dict], second: List[dict], metric: str) -> Optional[dict]:
+    """The paired bootstrap over the test problems of two methods' final runs (every seed of each),
+    or None when a run lacks its per-problem figures (diverged, or recorded before they were kept)."""
+    each = [r["final"].get("by_example") for r in first + second]
+    if not first or not second or any(e is None for e in each):
+        return None
+    if metric == "exact_match":
+        return paired_bootstrap([e["match"] for e in each[:len(first)]], [e["match"] for e in each[len(first):]])
+    return paired_bootstrap([e["nll"] for e in each[:len(first)]], [e["nll"] for e in each[len(first):]],
+                            denominators=each[0]["tokens"])
+
+
+def claims(rows: List[dict], regime: Sequence[dict], setting: Setting, final: Sequence[dict] = ()) -> List[dict]:
+    """The paper's claims, each with the figures that decide it here (None where a run is missing):
+    the means, whether the gap exceeds the seeds' std, and the paired 95 % interval over the test
+    problems (the noise of a 400-problem test set, which the seeds' std does not see)."""
     found = []
 
     def compare(name: str, first: str, second: str, metric: str, higher_better: bool) -> None:
-        """Does ``first`` beat ``second`` (strictly when the claim says ">"), and by more than a seed's std?"""
+        """Does ``first`` beat ``second`` (strictly when the claim says ">"), and by more than the noise?"""
         a, b = _row(rows, first), _row(rows, second)
         if a is None or b is None:
             return
@@ -291,8 +312,12 @@ def claims(rows: List[dict], regime: List[dict], setting: Setting) -> List[dict]
         margin = (mean_a - mean_b) if higher_better else (mean_b - mean_a)
         holds = margin > 0 if ">" in name and "≥" not in name else margin >= 0
         seeded = min(a["seeds"], b["seeds"]) > 1
+        interval = paired_interval([r for r in final if r["method"] == first],
+                                   [r for r in final if r["method"] == second], metric)
+        clear = None if interval is None else bool(interval["low"] > 0 if higher_better else interval["high"] < 0)
         found.append(dict(claim=name, metric=metric, first=first, second=second, first_mean=mean_a, second_mean=mean_b,
-                          larger_std=spread, holds=bool(holds), beyond_noise=bool(margin > spread) if seeded else None))
+                          larger_std=spread, holds=bool(holds), beyond_noise=bool(margin > spread) if seeded else None,
+                          interval=interval, beyond_problems_noise=clear))
 
     for metric, higher in (("exact_match", True), ("nll", False)):
         compare("GoRA ≥ LoRA-GA", "GoRA", "LoRA-GA", metric, higher)
@@ -305,12 +330,16 @@ def claims(rows: List[dict], regime: List[dict], setting: Setting) -> List[dict]
         vo, qk = (kinds["v_proj"] + kinds["o_proj"]) / 2, (kinds["q_proj"] + kinds["k_proj"]) / 2
         found.append(dict(claim="v/o get more rank than q/k", metric="mean rank", first="v, o", second="q, k",
                           first_mean=vo, second_mean=qk, larger_std=0.0, holds=bool(vo > qk), beyond_noise=None))
-    for lr in setting.regime_rates:
-        by_gamma = {r["gamma"]: r["final_nll"] for r in regime if r["method"] == "GoRA" and r["lr"] == lr}
+    for lr in setting.regime_rates:  # one seed each: the interval is the test problems' noise alone
+        by_gamma = {r["gamma"]: r for r in regime if r["method"] == "GoRA" and r["lr"] == lr and not r["diverged"]}
         if 0.0 in by_gamma and 5e-2 in by_gamma:
+            high, zero = by_gamma[5e-2], by_gamma[0.0]
+            interval = paired_interval([high], [zero], "nll")
             found.append(dict(claim=f"γ = 5e-2 > γ = 0 (paper's regime, lr {lr:g})", metric="nll",
-                              first="γ=5e-2", second="γ=0", first_mean=by_gamma[5e-2], second_mean=by_gamma[0.0],
-                              larger_std=None, holds=bool(by_gamma[5e-2] < by_gamma[0.0]), beyond_noise=None))
+                              first="γ=5e-2", second="γ=0", first_mean=high["final"]["nll"],
+                              second_mean=zero["final"]["nll"], larger_std=None,
+                              holds=bool(high["final"]["nll"] < zero["final"]["nll"]), beyond_noise=None,
+                              interval=interval, beyond_problems_noise=None if interval is None else interval["high"] < 0))
     return found
 
 
@@ -360,12 +389,18 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
         ordered = sorted(summary["regime"], key=lambda r: (r["lr"], r["method"] != "LoRA", r["gamma"] or 0.0))
         lines += probe_table([(r["method"] if r["gamma"] is None else f"{r['method']} γ={r['gamma']:g}", r["lr"],
                                r["probes"], r["final_exact_match"]) for r in ordered], rate_name="base lr")
-    lines += ["", "The paper's claims, here:", "", "| claim | metric | figures | holds | beyond the seeds' std |",
-              "|---|---|---|---|---|"]
+    lines += ["", "The paper's claims, here (interval: first − second, paired bootstrap over the test problems "
+              "of the seed-mean per problem, 95 %; exact match in points):", "",
+              "| claim | metric | figures | holds | beyond the seeds' std | interval | interval excludes 0 |",
+              "|---|---|---|---|---|---|---|"]
+    yes_no = lambda flag: "—" if flag is None else ("yes" if flag else "no")  # noqa: E731
     for c in summary["claims"]:
-        noise = "—" if c["beyond_noise"] is None else ("yes" if c["beyond_noise"] else "no")
+        interval = c.get("interval")
+        scale = 100 if c["metric"] == "exact_match" else 1
+        span = "—" if interval is None else f"{scale * interval['gap']:+.3g} [{scale * interval['low']:+.3g}, {scale * interval['high']:+.3g}]"
         lines.append(f"| {c['claim']} | {c['metric']} | {c['first']} {c['first_mean']:.4g} vs {c['second']} "
-                     f"{c['second_mean']:.4g} | {'yes' if c['holds'] else 'no'} | {noise} |")
+                     f"{c['second_mean']:.4g} | {yes_no(c['holds'])} | {yes_no(c['beyond_noise'])} | {span} | "
+                     f"{yes_no(c.get('beyond_problems_noise'))} |")
     lines += ["", "Wall times (init_s, train_s per run) are in the JSON; when runs share the machine they are not "
               "comparable: `--timing` measures them alone."]
     return "\n".join(lines) + "\n"

@@ -85,6 +85,13 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
     assert not math.isclose(by_gamma[5e-2]["probes"]["0"], by_gamma[0.0]["probes"]["0"], rel_tol=1e-6)
     assert {claim["claim"] for claim in summary["claims"]} >= {"GoRA ≥ LoRA-GA", "LoRA-GA > LoRA",
                                                                "v/o get more rank than q/k", "γ = 5e-2 > γ = 0"}
+    for run in final + regime:  # each test problem's own figures, for the paired intervals
+        each = run["final"]["by_example"]
+        assert len(each["nll"]) == len(each["tokens"]) == len(each["match"]) > 0
+        assert sum(each["nll"]) / sum(each["tokens"]) == pytest.approx(run["final"]["nll"], rel=1e-4)
+        assert sum(each["match"]) / len(each["match"]) == pytest.approx(run["final"]["exact_match"])
+    paired = [claim for claim in summary["claims"] if claim["metric"] in ("nll", "exact_match")]
+    assert paired and all(c["interval"]["low"] <= c["interval"]["gap"] <= c["interval"]["high"] for c in paired)
     assert REGIME_GAMMAS == (0.0, 1e-2, 5e-2, 8e-2, 0.2)
     assert (tmp_path / "quality_sft_quick.md").read_text().startswith("# Quality at equal budget, generative")
     for plot in ("quality_sft_quick_loss.png", "quality_sft_quick_regime.png"):

@@ -262,6 +262,47 @@ def test_response_nll_from_the_response_positions_alone_equals_the_full_logits_l
     assert len(widths) == 3 and all(kept < width / 2 for kept, width in widths), widths
 
 
+def test_scores_by_example_are_each_problems_own_in_the_given_order(tmp_path):
+    """The per-problem figures behind the quality benchmark's paired intervals: summed they are the
+    means (NLL per token, exact match), and each belongs to its own example although the chunks go by
+    length: an oracle that answers a chosen few right must be found right on exactly those."""
+    from types import SimpleNamespace
+
+    data = write_sft_records(str(tmp_path / "data.jsonl"), count=40)
+    config = load_config(["--model", "tiny-llama", "--task", "sft", "--data", data, "--eval-examples", "4"])
+    tokenizer = ByteTokenizer()
+    task = SFTTask(config, tokenizer)
+    model = load_model("tiny-llama").eval()
+    examples = task.train[:9]
+    assert len({len(example.ids) for example in examples}) > 2  # the length order is not the given one
+    right = {1, 4, 5, 8}
+    answers = {tuple(examples[i].prompt_ids): tokenizer.encode(" " + examples[i].reference) for i in right}
+
+    class Oracle:
+        @torch.no_grad()
+        def logits(self, inputs, **kwargs):
+            return model(**inputs, **kwargs).logits.float()
+
+        def generate(self, inputs, max_new_tokens, eos_token_id, pad_token_id):
+            rows = []
+            for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
+                prompt = tuple(i for i, m in zip(ids, mask) if m)
+                rows.append(ids + answers.get(prompt, tokenizer.encode(" no"))[:max_new_tokens] + [eos_token_id])
+            width = max(map(len, rows))
+            return torch.tensor([row + [pad_token_id] * (width - len(row)) for row in rows])
+
+    setup = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
+    each = task.scores_by_example(Oracle(), setup, batch_size=4, examples=examples)
+    assert [bool(m) for m in each["match"]] == [i in right for i in range(len(examples))]
+    assert sum(each["match"]) / len(examples) == task.exact_match(Oracle(), setup, 4, examples)[0]
+    assert each["tokens"] == [example.response_tokens for example in examples]
+    mean = task.response_nll(Oracle(), setup, batch_size=4, examples=examples)
+    assert sum(each["nll"]) / sum(each["tokens"]) == pytest.approx(mean, rel=1e-6)
+    for i in (0, 6):  # alone, an example scores as it did in its chunk (float32: to padding's rounding)
+        alone = task.scores_by_example(Oracle(), setup, batch_size=1, examples=[examples[i]], generate=False)
+        assert set(alone) == {"nll", "tokens"} and alone["nll"][0] == pytest.approx(each["nll"][i], rel=1e-4)
+
+
 # --- a chat run on a local model folder --------------------------------------------------------------
 
 def test_chat_data_on_a_local_model_folder(tmp_path):

@@ -78,9 +78,9 @@ class SFTTask:
     # --- evaluation ------------------------------------------------------------------------------------
 
     def _nll(self, evaluator, chunk, real: int, device) -> tuple:
-        """Summed NLL of the response tokens and their count. Only the positions that predict a response
-        token get logits (``logits_to_keep``): the full vocabulary at every position would be most
-        of the cost, for a few answer tokens per problem."""
+        """Each real row's summed NLL of its response tokens, and their counts (two lists). Only the
+        positions that predict a response token get logits (``logits_to_keep``): the full vocabulary
+        at every position would be most of the cost, for a few answer tokens per problem."""
         batch = self._right_padded(chunk, [example.response_mask for example in chunk])
         labels = batch.pop("labels")
         targets = labels[:real, 1:]
@@ -88,8 +88,8 @@ class SFTTask:
         logits = evaluator.logits(to_device(batch, device), logits_to_keep=positions.to(device))[:real]
         targets = targets[:, positions].to(logits.device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                              reduction="sum")
-        return float(nll), int((targets != -100).sum())
+                              reduction="none").view(targets.shape).sum(1)
+        return nll.tolist(), (targets != -100).sum(1).tolist()
 
     def _generate(self, evaluator, chunk, device) -> List[str]:
         width = max(len(example.prompt_ids) for example in chunk)
@@ -114,7 +114,7 @@ class SFTTask:
         examples = self.evaluation if examples is None else examples
         for chunk, real, _ in rank_chunks(examples, setup, batch_size, length=lambda example: len(example.ids)):
             nll, count = self._nll(evaluator, chunk, real, setup.device)
-            nll_sum, tokens = nll_sum + nll, tokens + count
+            nll_sum, tokens = nll_sum + sum(nll), tokens + sum(count)
         nll_sum, tokens = all_sum([nll_sum, tokens], setup)
         return nll_sum / tokens
 
@@ -123,15 +123,36 @@ class SFTTask:
         examples = self.evaluation if examples is None else examples
         matches = 0.0
         samples = []
+        for index, example, text, match in self._matches(evaluator, setup, batch_size, examples):
+            matches += match
+            if index < self.config.show_generations:
+                samples.append({"index": index, "origin": example.origin,
+                                "prompt": self.tokenizer.decode(list(example.prompt_ids)), "reference": example.reference,
+                                "generation": text, "match": bool(match)})
+        return all_sum([matches], setup)[0] / len(examples), gather_samples(samples, setup)
+
+    def scores_by_example(self, evaluator, setup, batch_size: int, examples: Sequence, generate: bool = True) -> dict:
+        """Each example's summed response NLL, response token count and (``generate``) match, in the
+        order of ``examples``, on rank 0 ({} elsewhere): what a paired comparison of two models on the
+        same problems needs, where the means alone cannot tell a real gap from the problems' noise."""
+        rows = []
+        for chunk, real, indices in rank_chunks(examples, setup, batch_size, length=lambda example: len(example.ids)):
+            nll, count = self._nll(evaluator, chunk, real, setup.device)
+            rows += [{"index": i, "nll": n, "tokens": c} for i, n, c in zip(indices, nll, count)]
+        if generate:
+            matched = {index: bool(match) for index, _, _, match in self._matches(evaluator, setup, batch_size, examples)}
+            for row in rows:
+                row["match"] = matched[row["index"]]
+        rows = gather_samples(rows, setup)
+        if setup.rank != 0:
+            return {}
+        return {key: [row[key] for row in rows] for key in ("nll", "tokens") + (("match",) if generate else ())}
+
+    def _matches(self, evaluator, setup, batch_size: int, examples: Sequence):
+        """(index, example, generation, match) for this rank's examples, generated in batches."""
         for chunk, real, indices in rank_chunks(examples, setup, batch_size, length=lambda example: len(example.prompt_ids)):
             for index, example, text in zip(indices, chunk, self._generate(evaluator, chunk, setup.device)[:real]):
-                match = answers_match(text, example.reference, self.config.answer_match)
-                matches += match
-                if index < self.config.show_generations:
-                    samples.append({"index": index, "origin": example.origin,
-                                    "prompt": self.tokenizer.decode(list(example.prompt_ids)), "reference": example.reference,
-                                    "generation": text, "match": bool(match)})
-        return all_sum([matches], setup)[0] / len(examples), gather_samples(samples, setup)
+                yield index, example, text, answers_match(text, example.reference, self.config.answer_match)
 
     def evaluate(self, evaluator, setup, batch_size: int):
         nll = self.response_nll(evaluator, setup, batch_size)
