@@ -224,6 +224,16 @@ def kind_of(layer: str) -> str:
     return kind
 
 
+def mean_rank_by_kind(runs: Sequence[dict]) -> Dict[str, float]:
+    """Each adapted projection's rank, averaged over layers and runs (the kinds present only)."""
+    kinds = {}
+    for kind in TARGETS:
+        values = [rank for r in runs for layer, rank in r["ranks"].items() if kind_of(layer) == kind]
+        if values:
+            kinds[kind] = statistics.fmean(values)
+    return kinds
+
+
 def nll_score(row: dict) -> float:
     """Higher is better: minus the final response NLL (NaN when the run diverged)."""
     return float("nan") if row["diverged"] else -row["final"]["nll"]
@@ -257,11 +267,7 @@ def summarise(tuning: List[dict], final: List[dict], regime: List[dict], rates: 
         if not runs:
             continue
         probed = next((r for r in runs if r["seed"] == setting.seeds[0]), None)  # the run with the probes
-        kinds = {}
-        for kind in TARGETS:
-            values = [rank for r in runs for layer, rank in r["ranks"].items() if kind_of(layer) == kind]
-            if values:
-                kinds[kind] = statistics.fmean(values)
+        kinds = mean_rank_by_kind(runs)
         row = dict(method=method, lr=rates.get(method), seeds=len(runs), adapter_params=runs[0]["adapter_params"],
                    diverged=sum(r["diverged"] for r in runs), mean_rank_by_kind=kinds,
                    init_s=statistics.fmean(r["init_s"] for r in runs),
@@ -325,11 +331,15 @@ def claims(rows: List[dict], regime: Sequence[dict], setting: Setting, final: Se
         compare("GoRA ≥ LoRA", "GoRA", "LoRA", metric, higher)
         compare("γ = 5e-2 > γ = 0", "GoRA", "GoRA γ=0", metric, higher)
     gora = _row(rows, "GoRA")
-    if gora and gora["mean_rank_by_kind"]:
-        kinds = gora["mean_rank_by_kind"]
+    # Before GoRA's final runs, the regime's: the same training split and seed-0 gradient batches, so
+    # the same allocation as GoRA's seed-0 final run (neither γ nor the rate enters the allocation).
+    kinds, source = (gora["mean_rank_by_kind"], "") if gora and gora["mean_rank_by_kind"] else (
+        mean_rank_by_kind([r for r in regime if r["method"] == "GoRA"]), " (the regime's seed-0 allocation)")
+    if all(k in kinds for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
         vo, qk = (kinds["v_proj"] + kinds["o_proj"]) / 2, (kinds["q_proj"] + kinds["k_proj"]) / 2
-        found.append(dict(claim="v/o get more rank than q/k", metric="mean rank", first="v, o", second="q, k",
-                          first_mean=vo, second_mean=qk, larger_std=0.0, holds=bool(vo > qk), beyond_noise=None))
+        found.append(dict(claim="v/o get more rank than q/k" + source, metric="mean rank", first="v, o",
+                          second="q, k", first_mean=vo, second_mean=qk, larger_std=0.0, holds=bool(vo > qk),
+                          beyond_noise=None))
     for lr in setting.regime_rates:  # one seed each: the interval is the test problems' noise alone
         by_gamma = {r["gamma"]: r for r in regime if r["method"] == "GoRA" and r["lr"] == lr and not r["diverged"]}
         if 0.0 in by_gamma and 5e-2 in by_gamma:

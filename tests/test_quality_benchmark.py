@@ -96,3 +96,33 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
     assert (tmp_path / "quality_sft_quick.md").read_text().startswith("# Quality at equal budget, generative")
     for plot in ("quality_sft_quick_loss.png", "quality_sft_quick_regime.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
+
+
+@pytest.mark.skipif(bool(SFT_MISSING), reason=f"needs {SFT_MISSING} (README)")
+def test_sft_rank_claim_reads_gora_final_runs_else_the_regimes_allocation():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from quality_sft import Setting, claims
+    finally:
+        sys.path.pop(0)
+
+    def ranks(q, k, v, o):
+        return {f"model.layers.{i}.self_attn.{name}": rank for i in range(2)
+                for name, rank in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o))}
+
+    def regime(rank_map):
+        return [dict(method="GoRA", gamma=0.0, lr=Setting().regime_rates[0], diverged=False, final={"nll": 1.0},
+                     ranks=rank_map)]
+
+    def rank_claim(rows, regime_runs):
+        return [c for c in claims(rows, regime_runs, Setting()) if c["claim"].startswith("v/o get more rank")]
+
+    found, = rank_claim([], regime(ranks(4, 6, 20, 10)))
+    assert found["claim"].endswith("(the regime's seed-0 allocation)")
+    assert (found["first_mean"], found["second_mean"], found["holds"]) == (15.0, 5.0, True)
+    found, = rank_claim([], regime(ranks(20, 10, 4, 6)))
+    assert found["holds"] is False
+    gora_final = dict(method="GoRA", mean_rank_by_kind=dict(q_proj=8.0, k_proj=8.0, v_proj=7.0, o_proj=7.0))
+    found, = rank_claim([gora_final], regime(ranks(4, 6, 20, 10)))  # the final runs' own ranks win
+    assert found["claim"] == "v/o get more rank than q/k" and found["holds"] is False
+    assert rank_claim([], []) == []
