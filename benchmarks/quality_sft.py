@@ -330,6 +330,10 @@ def claims(rows: List[dict], regime: Sequence[dict], setting: Setting, final: Se
         compare("LoRA-GA > LoRA", "LoRA-GA", "LoRA", metric, higher)
         compare("GoRA ≥ LoRA", "GoRA", "LoRA", metric, higher)
         compare("γ = 5e-2 > γ = 0", "GoRA", "GoRA γ=0", metric, higher)
+        # Not the paper's claims but their controls: rsLoRA has GoRA's α/√r scaling at a uniform r = 8,
+        # and the fixed-rank GoRA keeps its init without the allocation; what each gap is left to credit.
+        compare("GoRA ≥ rsLoRA (control: the same α/√r scaling)", "GoRA", "rsLoRA", metric, higher)
+        compare("GoRA ≥ GoRA fixed ranks (control: the allocation)", "GoRA", "GoRA fixed ranks", metric, higher)
     gora = _row(rows, "GoRA")
     # Before GoRA's final runs, the regime's: the same training split and seed-0 gradient batches, so
     # the same allocation as GoRA's seed-0 final run (neither γ nor the rate enters the allocation).

@@ -84,7 +84,9 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
     assert math.isclose(by_gamma[0.0]["probes"]["0"], by_gamma[None]["probes"]["0"], rel_tol=1e-6)
     assert not math.isclose(by_gamma[5e-2]["probes"]["0"], by_gamma[0.0]["probes"]["0"], rel_tol=1e-6)
     assert {claim["claim"] for claim in summary["claims"]} >= {"GoRA ≥ LoRA-GA", "LoRA-GA > LoRA",
-                                                               "v/o get more rank than q/k", "γ = 5e-2 > γ = 0"}
+                                                               "v/o get more rank than q/k", "γ = 5e-2 > γ = 0",
+                                                               "GoRA ≥ rsLoRA (control: the same α/√r scaling)",
+                                                               "GoRA ≥ GoRA fixed ranks (control: the allocation)"}
     for run in final + regime:  # each test problem's own figures, for the paired intervals
         each = run["final"]["by_example"]
         assert len(each["nll"]) == len(each["tokens"]) == len(each["match"]) > 0
