@@ -405,7 +405,7 @@ def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
                                r["probes"], r["final_exact_match"]) for r in ordered], rate_name="base lr")
     lines += ["", "The paper's claims, here (interval: first − second, paired bootstrap over the test problems "
               "of the seed-mean per problem, 95 %; exact match in points):", "",
-              "| claim | metric | figures | holds | beyond the seeds' std | interval | interval excludes 0 |",
+              "| claim | metric | figures | holds | beyond the seeds' std | interval | interval excludes 0, in the claim's favour |",
               "|---|---|---|---|---|---|---|"]
     yes_no = lambda flag: "—" if flag is None else ("yes" if flag else "no")  # noqa: E731
     for c in summary["claims"]:
