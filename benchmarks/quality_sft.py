@@ -20,7 +20,8 @@ Training runs under bf16 autocast (float32 master weights, float32 initialisatio
     python benchmarks/quality_sft.py --quick    # about a minute: the tiny test Llama, every method and phase
     python benchmarks/quality_sft.py --timing   # init and per-step wall time of every method (run it alone)
 Runs are appended to <out>/<tag>_runs.jsonl as they finish; --resume skips the ones already there, so
-the protocol can be split over sittings (--phases tune, final, regime).
+the protocol can be split over sittings (--phases tune, final, regime) and over processes (--methods,
+--final-seeds; each process reads the runs file once, at its start, so give them disjoint runs).
 """
 
 from __future__ import annotations
@@ -489,6 +490,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--phases", default="tune,final,regime", help="which of tune, final, regime to run")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the runs file")
+    parser.add_argument("--final-seeds", default=None,
+                        help="comma-separated subset of the finals' seeds to run here (two processes can split a "
+                             "method's seeds); the first of the setting's seeds stays the probed one")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     setting = Setting(**QUICK) if args.quick else Setting(**TIMING) if args.timing else Setting()
@@ -498,6 +502,15 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         setting.methods = chosen
+    final_seeds = list(setting.seeds)
+    if args.final_seeds:
+        try:
+            final_seeds = [int(s) for s in args.final_seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--final-seeds: {args.final_seeds!r} is not a comma-separated list of seeds")
+        unknown = [s for s in final_seeds if s not in setting.seeds]
+        if unknown:
+            parser.error(f"--final-seeds: {unknown} not among the setting's seeds {list(setting.seeds)}")
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     bad = [p for p in phases if p not in ("tune", "final", "regime")]
     if bad:
@@ -550,7 +563,7 @@ def main(argv=None) -> int:
     final = []
     if "final" in phases or args.timing:
         final = [recorded(RunSpec("final", m, rates[m], seed), train, test, generate=not args.timing)
-                 for m in setting.methods for seed in setting.seeds]
+                 for m in setting.methods for seed in final_seeds]
     env = environment()
     if args.timing:
         text = timing_markdown(final, setting, env, Setting().steps)
