@@ -335,6 +335,11 @@ def claims(rows: List[dict], regime: Sequence[dict], setting: Setting, final: Se
         # and the fixed-rank GoRA keeps its init without the allocation; what each gap is left to credit.
         compare("GoRA ≥ rsLoRA (control: the same α/√r scaling)", "GoRA", "rsLoRA", metric, higher)
         compare("GoRA ≥ GoRA fixed ranks (control: the allocation)", "GoRA", "GoRA fixed ranks", metric, higher)
+        # The official code's adaptive γ against the paper's fixed 5e-2, and against rsLoRA's zero start
+        # at the same scaling: does a larger, searched initial update outlast training where 5e-2's does not?
+        compare("GoRA γ search ≥ GoRA (the searched γ against 5e-2)", "GoRA γ search", "GoRA", metric, higher)
+        compare("GoRA γ search ≥ rsLoRA (the searched γ against a zero start)", "GoRA γ search", "rsLoRA", metric,
+                higher)
     gora = _row(rows, "GoRA")
     # Before GoRA's final runs, the regime's: the same training split and seed-0 gradient batches, so
     # the same allocation as GoRA's seed-0 final run (neither γ nor the rate enters the allocation).
