@@ -87,7 +87,8 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
                                                                "v/o get more rank than q/k", "γ = 5e-2 > γ = 0",
                                                                "GoRA ≥ rsLoRA (control: the same α/√r scaling)",
                                                                "GoRA ≥ GoRA fixed ranks (control: the allocation)",
-                                                               "GoRA γ search ≥ GoRA (the searched γ against 5e-2)"}
+                                                               "GoRA γ search ≥ GoRA (the searched γ against 5e-2)",
+                                                               "GoRA γ search ≥ rsLoRA (the searched γ against a zero start)"}
     for run in final + regime:  # each test problem's own figures, for the paired intervals
         each = run["final"]["by_example"]
         assert len(each["nll"]) == len(each["tokens"]) == len(each["match"]) > 0
