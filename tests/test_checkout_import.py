@@ -10,6 +10,7 @@ the copy must still win for both packages).
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import shutil
 import site
@@ -79,3 +80,40 @@ def test_a_regular_install_carries_every_subpackage(tmp_path):
     result = subprocess.run([sys.executable, "-S", "-c", child, str(target)], env=env, cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr[-3000:]
+
+
+SHADOW_CHILD = """
+import os, sys
+import kernels
+origin = os.path.realpath(kernels.__file__)
+if hasattr(kernels, "ORIGIN"):
+    import kernels.layer  # a submodule resolves in the installed package, not in the checkout's folder
+    assert kernels.ORIGIN == "installed" and kernels.layer.ORIGIN == "installed layer", origin
+    print("installed")
+elif origin.startswith(os.path.realpath(os.getcwd()) + os.sep):  # none installed: the folder, as before,
+    assert not hasattr(kernels, "__version__")  # without the version transformers' probe looks for
+    print("checkout")
+else:
+    print("site-packages")  # Hugging Face's kernels, installed beside torch (transformers >= 5.25)
+import gora_dist.kernels
+assert callable(gora_dist.kernels.lora_linear) and gora_dist.kernels.__name__ == "gora_dist.kernels"
+print("ok")
+"""
+
+
+def test_the_checkout_root_on_the_path_does_not_shadow_the_installed_kernels_package(tmp_path):
+    """transformers ≥ 5.25 imports Hugging Face's ``kernels`` at start-up; run from the checkout's root
+    (``python -m pytest``), the import must reach that package, not this repository's ``kernels/``."""
+    copy = _bare_copy(tmp_path)
+    installed = tmp_path / "installed"
+    (installed / "kernels").mkdir(parents=True)
+    (installed / "kernels" / "__init__.py").write_text("ORIGIN = 'installed'\n")
+    (installed / "kernels" / "layer.py").write_text("ORIGIN = 'installed layer'\n")
+    beside_torch = importlib.machinery.PathFinder.find_spec("kernels", site.getsitepackages())
+    for extra, expected in (([str(installed)], "installed"), ([], "site-packages" if beside_torch else "checkout")):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONPATH"] = os.pathsep.join([*extra, *site.getsitepackages()])
+        # cwd = the checkout and "-c": sys.path[0] is the checkout's root, ahead of everything else
+        result = subprocess.run([sys.executable, "-S", "-c", SHADOW_CHILD], env=env, cwd=copy,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0 and result.stdout.split() == [expected, "ok"], result.stdout + result.stderr[-3000:]
