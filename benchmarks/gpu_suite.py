@@ -11,7 +11,7 @@ each given what is left of ``--budget-s`` (default 450 s) less what the later st
      device-to-device copy, a large bf16 matmul);
   2. gpu tests: tests/test_kernels.py's GPU cases (kernels against references in bf16 at real sizes,
      GoRALinear's kernel path, the pinv init);
-  3. kernels: benchmarks/kernels.py --quick (fused vs torch vs PEFT; grouped q/k/v; B0 for 224 layers);
+  3. kernels: benchmarks/kernel_speed.py --quick (fused vs torch vs PEFT; grouped q/k/v; B0 for 224 layers);
   4. init: GoRA on a ~1.2B random-weight Llama (Llama-3.2-1B's shapes) in bf16 on one GPU, kernels on
      then off: seconds of the gradient steps and of everything after, peak allocated memory per phase;
   5. sft steps: a few SFT training steps of that model (loss on the response tokens), kernels on and
@@ -132,11 +132,11 @@ def step_gpu_tests(dry_run: bool, out: str) -> dict:
 
 
 def step_kernels(dry_run: bool, out: str) -> dict:
-    command = [sys.executable, os.path.join(HERE, "kernels.py"), "--dry-run" if dry_run else "--quick",
+    command = [sys.executable, os.path.join(HERE, "kernel_speed.py"), "--dry-run" if dry_run else "--quick",
                "--results", out]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
-        raise RuntimeError(f"benchmarks/kernels.py exited {result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}")
+        raise RuntimeError(f"benchmarks/kernel_speed.py exited {result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}")
     written = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("wrote ")]
     stem = written[0][:-len(".json")] if written else None
     found = {"results": os.path.basename(stem) if stem else None}
@@ -341,7 +341,7 @@ def run_child(name: str, options, limit_s: float) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--step", name, "--result", result_file, "--out", options.out]
     command += ["--dry-run"] if options.dry_run else []
     start = time.perf_counter()
-    # its own process group: a step cut off takes its children (kernels.py, torchrun's worker) with it,
+    # its own process group: a step cut off takes its children (kernel_speed.py, torchrun's worker) with it,
     # so nothing it started keeps the GPU busy during the next step
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                                start_new_session=True)

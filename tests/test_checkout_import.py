@@ -117,3 +117,19 @@ def test_the_checkout_root_on_the_path_does_not_shadow_the_installed_kernels_pac
         result = subprocess.run([sys.executable, "-S", "-c", SHADOW_CHILD], env=env, cwd=copy,
                                 capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0 and result.stdout.split() == [expected, "ok"], result.stdout + result.stderr[-3000:]
+
+
+def test_no_script_folder_shadows_an_installed_module():
+    """Running a script puts its folder first on ``sys.path``: a ``benchmarks/kernels.py`` there hid
+    Hugging Face's ``kernels`` from transformers. No module in those folders may share a name with an
+    installed top-level module (the checkout's own ``kernels/`` steps aside by itself, tested above)."""
+    installed = [entry for entry in sys.path if entry and os.path.realpath(entry) != REPO
+                 and not os.path.realpath(entry).startswith(REPO + os.sep)]
+    clashes = []
+    for folder in ("benchmarks", "launch", "tests", os.path.join("tests", "dist")):
+        for name in sorted(os.listdir(os.path.join(REPO, folder))):
+            stem, ext = os.path.splitext(name)
+            if ext == ".py" and stem != "conftest" and (
+                    stem in sys.builtin_module_names or importlib.machinery.PathFinder.find_spec(stem, installed)):
+                clashes.append(os.path.join(folder, name))
+    assert not clashes, f"these shadow installed modules when their folder is on sys.path: {clashes}"

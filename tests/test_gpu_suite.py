@@ -61,8 +61,8 @@ def test_budget_cuts_a_step_off_and_keeps_what_ran_before(tmp_path):
     assert steps["kernels"]["status"].startswith("timed out"), steps["kernels"]
     assert steps["init_kernels_on"]["status"].startswith("not run"), steps["init_kernels_on"]
     assert "kernels: timed out" in (tmp_path / "gpu_dry_run.md").read_text()
-    # the cut-off step's own child (kernels.py) went with it: nothing keeps running into the next step
-    assert not [pid for pid, line in _command_lines() if "kernels.py" in line and str(tmp_path) in line]
+    # the cut-off step's own child (kernel_speed.py) went with it: nothing keeps running into the next step
+    assert not [pid for pid, line in _command_lines() if "kernel_speed.py" in line and str(tmp_path) in line]
 
 
 def _command_lines():

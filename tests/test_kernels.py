@@ -693,7 +693,7 @@ def test_gpu_pinv_init_of_a_4096_layer():
 def test_benchmark_script_tables_and_results(tmp_path, capsys):
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_speed.py")
     spec = importlib.util.spec_from_file_location("kernels_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

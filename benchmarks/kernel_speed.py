@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Fused Triton LoRA layer and pinv init against the alternatives, on one CUDA GPU.
 
-    python benchmarks/kernels.py                 # full run: needs CUDA, writes benchmarks/results/kernels_<gpu>.{json,md}
-    python benchmarks/kernels.py --quick         # 2 token counts, one rank per shape
-    python benchmarks/kernels.py --dry-run       # no GPU: tiny shapes under TRITON_INTERPRET=1, wall-clock timer,
-                                                 # writes to a temporary folder; proves the script runs, measures nothing
+    python benchmarks/kernel_speed.py                 # full run: needs CUDA, writes benchmarks/results/kernels_<gpu>.{json,md}
+    python benchmarks/kernel_speed.py --quick         # 2 token counts, one rank per shape
+    python benchmarks/kernel_speed.py --dry-run       # no GPU: tiny shapes under TRITON_INTERPRET=1, wall-clock timer,
+                                                      # writes to a temporary folder; proves the script runs, measures nothing
 
 Layer benchmark: bf16 layers of Llama-3.1-8B (q/o 4096→4096, k/v 4096→1024, gate/up 4096→14336,
 down 14336→4096), 2k-16k tokens, float32 adapters, ranks from a GoRA rank map over the 8B model's
@@ -276,7 +276,7 @@ def environment(device: str) -> dict:
     import torch
 
     found = package_versions("torch", "triton", "peft", "transformers")
-    commit, dirty = git_commit(), git_dirty("kernels", "benchmarks/kernels.py")
+    commit, dirty = git_commit(), git_dirty("kernels", "benchmarks/kernel_speed.py")
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"CPU under TRITON_INTERPRET ({platform.processor() or 'cpu'})"
     return {"gpu": gpu, "cuda": torch.version.cuda, "versions": found, "commit": commit, "kernels_dirty": dirty,
             "python": platform.python_version(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     from gora_dist.kernels import triton_installed
 
     if not triton_installed():
-        print("benchmarks/kernels.py: triton is not installed (pip install triton, or pip install -e '.[test]')")
+        print("benchmarks/kernel_speed.py: triton is not installed (pip install triton, or pip install -e '.[test]')")
         return 2
     if options.dry_run:
         device, timer, tokens_list, shapes, layers = "cpu", make_timer(True), [16, 40], DRY_RUN_SHAPES, 2
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         tokens_list = [2048, 8192] if options.quick else TOKENS
         shapes = {kind: PROJECTIONS[p] for kind, p in SHAPE_OF_KIND.items()}
     else:
-        print("benchmarks/kernels.py needs a CUDA GPU and found none; nothing was measured. "
+        print("benchmarks/kernel_speed.py needs a CUDA GPU and found none; nothing was measured. "
               "Run it on a GPU machine, or pass --dry-run to check the script under the Triton interpreter.")
         return 2
     ranks = rank_map()
