@@ -7,9 +7,10 @@ Each op has a pure-torch reference (``reference.py``) and a Triton version besid
 - ``pinv_solve.py``: GoRA's B0 = -ξ·Ḡ·A0ᵀ·(A0A0ᵀ)⁻¹, and C = Ḡ·A0ᵀ alone for sharded plans;
 - ``matmul.py``: the one GEMM kernel they are built from.
 
-The functional entries (``functional.py``, re-exported here) run Triton wherever it can run (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``) and the reference otherwise; ``GORA_DISABLE_KERNELS=1`` forces the reference.
-The Triton modules are imported on first use only, so importing this package never imports triton.
+The functional entries (``functional.py``, re-exported here) run Triton wherever it can run (CUDA
+tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the reference otherwise;
+``GORA_DISABLE_KERNELS=1`` forces the reference. The Triton modules are imported on first use only,
+so importing this package never imports triton.
 See docs/kernels.md.
 """
 

@@ -123,8 +123,9 @@ def test_no_script_folder_shadows_an_installed_module():
     """Running a script puts its folder first on ``sys.path``: a ``benchmarks/kernels.py`` there hid
     Hugging Face's ``kernels`` from transformers. No module in those folders may share a name with an
     installed top-level module (the checkout's own ``kernels/`` steps aside by itself, tested above)."""
-    installed = [entry for entry in sys.path if entry and os.path.realpath(entry) != REPO
-                 and not os.path.realpath(entry).startswith(REPO + os.sep)]
+    repo = os.path.realpath(REPO)
+    installed = [entry for entry in sys.path if entry and os.path.realpath(entry) != repo
+                 and not os.path.realpath(entry).startswith(repo + os.sep)]
     clashes = []
     for folder in ("benchmarks", "launch", "tests", os.path.join("tests", "dist")):
         for name in sorted(os.listdir(os.path.join(REPO, folder))):
