@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Fused Triton LoRA layer and pinv init against the alternatives, on one CUDA GPU.
 
-    python benchmarks/kernel_speed.py                 # full run: needs CUDA, writes benchmarks/results/kernels_<gpu>.{json,md}
-    python benchmarks/kernel_speed.py --quick         # 2 token counts, one rank per shape
-    python benchmarks/kernel_speed.py --dry-run       # no GPU: tiny shapes under TRITON_INTERPRET=1, wall-clock timer,
-                                                      # writes to a temporary folder; proves the script runs, measures nothing
+    python benchmarks/kernel_speed.py            # full run: needs CUDA, writes benchmarks/results/kernels_<gpu>.{json,md}
+    python benchmarks/kernel_speed.py --quick    # 2 token counts, one rank per shape
+    python benchmarks/kernel_speed.py --dry-run  # no GPU: tiny shapes under TRITON_INTERPRET=1, wall-clock timer,
+                                                 # writes to a temporary folder; proves the script runs, measures nothing
 
 Layer benchmark: bf16 layers of Llama-3.1-8B (q/o 4096→4096, k/v 4096→1024, gate/up 4096→14336,
 down 14336→4096), 2k-16k tokens, float32 adapters, ranks from a GoRA rank map over the 8B model's
