@@ -113,14 +113,15 @@ def step_gpu_tests(dry_run: bool, out: str) -> dict:
     """tests/test_kernels.py's GPU cases, in-process on CUDA (on the CPU they skip: the dry run checks the command)."""
     log = os.path.join(out, "gpu_tests.log")
     # "without_a_gpu": the sm_90 compile check, which the CPU test suite runs already
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu and not without_a_gpu",
-               os.path.join(ROOT, "tests", "test_kernels.py"), "-rs"]
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-k", "gpu and not without_a_gpu",
+               os.path.join(ROOT, "tests", "test_kernels.py"), "-rs", "--durations=10"]
     env = checkout_env()
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    # straight into the log, test by test: a run cut off at its limit still says how far it got
     with open(log, "w") as handle:
-        handle.write(result.stdout + result.stderr)
-    lines = result.stdout.strip().splitlines()
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    with open(log) as handle:
+        lines = handle.read().strip().splitlines()
     summary = lines[-1] if lines else "(no output)"
     counts = {}
     for part in summary.strip("= ").split(","):
@@ -320,7 +321,7 @@ CHILD_STEPS = {
 }
 # (step, the seconds it may take at most, the seconds kept for it while earlier steps run)
 PLAN = [("environment", 60, 20), ("gpu_tests", 150, 60), ("kernels", 150, 60), ("init_kernels_on", 90, 40),
-        ("init_kernels_off", 90, 40), ("sft_kernels_on", 60, 30), ("sft_kernels_off", 60, 30),
+        ("init_kernels_off", 90, 40), ("sft_kernels_on", 120, 30), ("sft_kernels_off", 60, 30),
         ("trainer_fsdp2", 90, 45)]
 
 

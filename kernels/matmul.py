@@ -23,6 +23,8 @@ Ranks and other small dimensions are padded to a power of two ≥ 16 by masked l
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,35 +32,56 @@ import triton.language as tl
 from .dispatch import interpreting, on_device_of
 
 
+AUTOTUNE_ENV = "GORA_KERNEL_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """True when ``GORA_KERNEL_AUTOTUNE=1``: benchmark every fitting tile once per key. Off by default:
+    a heterogeneous-rank model meets dozens of keys, and on an H200 tuning them all held the first
+    training steps of a 1B model for over a minute (benchmarks/results/gpu_nvidia_h200.md)."""
+    return os.environ.get(AUTOTUNE_ENV, "").strip().lower() not in ("", "0", "false")
+
+
 def _configs():
     if interpreting():  # the interpreter cannot autotune over several configs; big tiles run fastest there
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    # Untuned on real hardware (no GPU was lent when this was written): the usual Hopper/Ampere
-    # starting points from Triton's matmul tutorial, plus narrow tiles for rank-sized outputs.
+    # Triton's matmul tutorial tiles for Hopper/Ampere, plus narrow tiles for rank-sized outputs. In
+    # this order: without autotuning the first that fits the output is taken.
     shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
               (128, 256, 64, 8, 3), (128, 32, 64, 4, 4), (64, 32, 128, 4, 4), (32, 32, 128, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
+def size_bucket(size: int) -> int:
+    """The autotuning key of a dimension: its power of two, at least 32 (every rank up to 32 shares one)."""
+    return max(32, triton.next_power_of_2(max(size, 1)))
+
+
+def fitting_configs(configs, m: int, n: int):
+    """The tiles not far wider than the (m, n) output (a rank-sized N or M), at least one; without
+    autotuning only the first of them, so a key costs one compile and no benchmark."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= size_bucket(m) and c.kwargs["BLOCK_N"] <= size_bucket(n)]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept if autotuning() else kept[:1]
+
+
 def _prune(configs, named_args, **_):
-    """Drop tiles far wider than the output (a rank-sized N or M), keeping at least one config."""
-    m_cap = max(32, triton.next_power_of_2(named_args["M"]))
-    n_cap = max(32, triton.next_power_of_2(named_args["N"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return fitting_configs(configs, named_args["M"], named_args["N"])
 
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K1", "K2", "HAS_P2", "HAS_C_IN", "UPCAST1"],  # tensor dtypes are added by triton
+    # buckets, not sizes: the rank (N of the shrink, M of dA, K2 everywhere) would otherwise make a key
+    # per distinct rank; BLOCK_K2 is a constexpr, so ranks past 16 and 32 still compile their own variant
+    key=["M_BUCKET", "N_BUCKET", "K1_BUCKET", "HAS_P2", "HAS_C_IN", "UPCAST1"],  # tensor dtypes are added by triton
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["c_in_ptr"],  # C_in may be the output itself (in-place accumulation): restore between trials
 )
 @triton.jit
 def _two_product_kernel(
     out_ptr, p1_ptr, q1_ptr, p2_ptr, q2_ptr, bias_ptr, c_in_ptr,
-    M, N, K1, K2, M_BUCKET,
+    M, N, K1, K2, M_BUCKET, N_BUCKET, K1_BUCKET,
     stride_om, stride_on,
     stride_p1m, stride_p1k, stride_q1k, stride_q1n,
     stride_p2m, stride_p2k, stride_q2k, stride_q2n,
@@ -163,7 +186,7 @@ def two_product_matmul(
     with on_device_of(out):  # Triton launches on the current CUDA device
         _two_product_kernel[grid](
             out, p1, q1, p2_, q2_, bias if bias is not None else out, c_in_,
-            M, N, K1, K2, triton.next_power_of_2(M),
+            M, N, K1, K2, size_bucket(M), size_bucket(N), size_bucket(K1),
             out.stride(0), out.stride(1),
             p1.stride(0), p1.stride(1), q1.stride(0), q1.stride(1),
             p2_.stride(0), p2_.stride(1), q2_.stride(0), q2_.stride(1),

@@ -554,6 +554,24 @@ def test_interpreter_suite():
     assert " passed" in summary and "skipped" not in summary, summary
 
 
+def test_one_tile_per_key_unless_autotuning_is_asked_for(monkeypatch):
+    """Without GORA_KERNEL_AUTOTUNE a key compiles one tile and benchmarks none; every rank up to 32
+    shares a key (a 1B model's 29 distinct ranks tuned one by one timed out on an H200)."""
+    import triton
+
+    from gora_dist.kernels import matmul
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)
+               for m, n in [(128, 128), (128, 64), (128, 32), (32, 32)]]
+    monkeypatch.delenv(matmul.AUTOTUNE_ENV, raising=False)
+    assert [c.kwargs["BLOCK_N"] for c in matmul.fitting_configs(configs, 4096, 8)] == [32]
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in matmul.fitting_configs(configs, 8, 4096)] == [(32, 32)]
+    assert [c.kwargs["BLOCK_N"] for c in matmul.fitting_configs(configs, 4096, 4096)] == [128]
+    monkeypatch.setenv(matmul.AUTOTUNE_ENV, "1")
+    assert len(matmul.fitting_configs(configs, 4096, 4096)) == 4 and len(matmul.fitting_configs(configs, 4096, 8)) == 2
+    assert {matmul.size_bucket(r) for r in range(1, 33)} == {32} and matmul.size_bucket(33) == 64
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles for a real GPU target; not needed in the interpreter run")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
 def test_kernels_compile_for_sm90_without_a_gpu():
@@ -585,11 +603,25 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                      "PRECISION2": precision, "BLOCK_K2": 32, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
         compiled = build(matmul._two_product_kernel, pointers, floats, constants, num_warps=8, num_stages=3)
         assert "cubin" in compiled.asm, list(compiled.asm)
+    # Without autotuning nothing skips a tile that overflows shared memory: the tile taken for each kind of
+    # output (wide, tokens × rank, rank × wide) must fit an H100 with float32 operands (the largest case)
+    h100_shared_limit = 232_448
+    pointers = {name: "*fp32" for name in ("out_ptr", "p1_ptr", "q1_ptr", "p2_ptr", "q2_ptr", "bias_ptr", "c_in_ptr")}
+    taken = {id(matmul.fitting_configs(matmul._two_product_kernel.configs, m, n)[0]): (m, n)
+             for m, n in [(8192, 4096), (8192, 8), (8, 4096), (8192, 48), (48, 4096), (8, 8)]}
+    assert len(taken) >= 3  # wide, narrow-N and narrow-M outputs take different tiles
+    for config in matmul._two_product_kernel.configs:
+        if id(config) not in taken:
+            continue
+        constants = {"HAS_P2": True, "HAS_BIAS": True, "HAS_C_IN": True, "UPCAST1": False, "PRECISION1": "ieee",
+                     "PRECISION2": "ieee", "BLOCK_K2": 64, **config.kwargs}
+        compiled = build(matmul._two_product_kernel, pointers, floats, constants, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
+        assert compiled.metadata.shared <= h100_shared_limit, (config, compiled.metadata.shared)
     # The pinv kernel is not autotuned, so the configs its launcher picks must fit an H100's shared memory
     # (232,448 B per block): the largest rank with the K⁻¹ epilogue, and the largest rank at all, asked
     # with and without a solve (above MAX_SOLVE_RANK the launcher leaves the solve to torch).
     pointers = {name: "*fp32" for name in ("out_ptr", "grad_ptr", "a_ptr", "kinv_ptr")}
-    h100_shared_limit = 232_448
     for rank, solve in [(pinv_solve.MAX_SOLVE_RANK, True), (pinv_solve.MAX_RANK, True), (pinv_solve.MAX_RANK, False)]:
         config = pinv_solve.launch_config(rank, solve)
         options = {key: config.pop(key) for key in ("num_warps", "num_stages")}

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,6 +80,30 @@ def test_the_engine_follows_what_the_run_will_do(zero3, fsdp, world, cpu, engine
 
     chosen, warning = choose_engine(zero3=zero3, fsdp=fsdp, world=world, cpu=cpu)
     assert chosen == engine and (warning is not None) == warns
+
+
+def test_accelerate_finds_the_blocks_of_a_model_gora_sharded_itself(monkeypatch):
+    """fully_shard renames LlamaDecoderLayer to FSDPLlamaDecoderLayer; accelerate looks the wrap classes
+    up by name before it sees an FSDPModule (1.15 raised "Could not find the transformer layer class"
+    on the GPU suite's H200). The names handed on must resolve in the sharded model."""
+    import transformers
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    from gora_dist.integrations.run_engine import name_sharded_blocks
+
+    model = tiny_llama()
+    for layer in model.model.layers:  # what fully_shard does to each block's class, without a process group
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    assert get_module_class_from_name(model, "LlamaDecoderLayer") is None
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
+    args = SimpleNamespace(fsdp_plugin_args={"auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=["LlamaDecoderLayer", "NotInThisModel"])
+    name_sharded_blocks(model, args, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "FSDPLlamaDecoderLayer"  # from _no_split_modules
+    assert plugin.transformer_cls_names_to_wrap == ["FSDPLlamaDecoderLayer", "NotInThisModel"]  # the user's, kept
+    assert os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "FSDPLlamaDecoderLayer"
+    assert get_module_class_from_name(model, "FSDPLlamaDecoderLayer") is type(model.model.layers[0])
+    assert isinstance(model.model.layers[0], transformers.models.llama.modeling_llama.LlamaDecoderLayer)
 
 
 # --- two ranks: the Trainer, TRL and accelerate under ZeRO-3, FSDP2 and DDP (tests/dist/trainer_worker.py) ---

@@ -92,3 +92,41 @@ def shard_fsdp2(model: nn.Module, args, accelerator) -> None:
         settings["reshard_after_forward"] = bool(config["reshard_after_forward"])
     if not isinstance(model, FSDPModule):
         fully_shard_model(model, **settings)
+    name_sharded_blocks(model, args, accelerator)
+
+
+def sharded_block_names(model: nn.Module, names, given: bool = True) -> list:
+    """``names`` (block class names, e.g. ``LlamaDecoderLayer``) as the sharded model spells them:
+    ``fully_shard`` swaps each block's class for ``FSDP<name>``. Names found neither way are kept
+    when the user ``given`` them (accelerate then names them in its error), dropped when they came
+    from ``_no_split_modules`` (which can name classes a model does not build)."""
+    present = {type(module).__name__ for module in model.modules()}
+    found = []
+    for name in names:
+        if name in present or (given and f"FSDP{name}" not in present):
+            found.append(name)
+        elif f"FSDP{name}" in present:
+            found.append(f"FSDP{name}")
+    return found
+
+
+def name_sharded_blocks(model: nn.Module, args, accelerator) -> None:
+    """Tell accelerate the block classes by the names they carry once sharded. accelerate looks the
+    wrap classes up by name before it sees the model is an FSDPModule, and ``LlamaDecoderLayer`` is
+    ``FSDPLlamaDecoderLayer`` by then: accelerate 1.15 stops with "Could not find the transformer
+    layer class" (1.16 skips the name). Only names that would not resolve are changed."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
+    plugin_args = getattr(args, "fsdp_plugin_args", None) if args is not None else None
+    if plugin is not None:
+        given = plugin.transformer_cls_names_to_wrap
+        names = list(getattr(model, "_no_split_modules", None) or []) if given is None else list(given)
+        plugin.transformer_cls_names_to_wrap = sharded_block_names(model, names, given is not None) or None
+    if isinstance(plugin_args, dict) and plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") == "TRANSFORMER_BASED_WRAP":
+        given = plugin_args.get("transformer_cls_names_to_wrap")
+        names = given.split(",") if given else list(getattr(model, "_no_split_modules", None) or [])
+        names = sharded_block_names(model, names, bool(given))
+        if names:
+            plugin_args["transformer_cls_names_to_wrap"] = ",".join(names)
+    if os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):  # `accelerate launch` with an FSDP config
+        names = sharded_block_names(model, os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(","))
+        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(names)
