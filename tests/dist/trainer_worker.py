@@ -60,7 +60,7 @@ def base_unchanged(model) -> bool:
 
         with deepspeed.zero.GatheredParameters(partitioned):
             return all(torch.equal(p.detach(), reference[base_name(n)]) for n, p in named)
-    return all(torch.equal((p.full_tensor() if hasattr(p, "full_tensor") else p).detach(), reference[base_name(n)])
+    return all(torch.equal((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu(), reference[base_name(n)])
                for n, p in named)
 
 
