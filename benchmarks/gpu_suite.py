@@ -334,8 +334,10 @@ def run_child(name: str, options, limit_s: float) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     if name.endswith("kernels_off"):
         env["GORA_DISABLE_KERNELS"] = "1"
-    else:
+        env.pop("GORA_KERNELS", None)
+    else:  # the kernels run on CUDA only when asked for
         env.pop("GORA_DISABLE_KERNELS", None)
+        env["GORA_KERNELS"] = "1"
     if options.dry_run and name != "gpu_tests":
         env["TRITON_INTERPRET"] = "1"  # the kernel path runs on the CPU, before any kernel module is imported
     env["GORA_MEMORY_TRACE"] = tempfile.mkdtemp(prefix=f"gora-suite-{name}-")

@@ -335,6 +335,8 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     if options.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    os.environ["GORA_KERNELS"] = "1"  # "fused" is the kernels: on CUDA they run only when asked for
+    os.environ.pop("GORA_DISABLE_KERNELS", None)
     import torch
     from gora_dist.kernels import triton_installed
 

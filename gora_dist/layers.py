@@ -42,9 +42,10 @@ class GoRALinear(nn.Module):
     ``scaling`` = α/√rank with rsLoRA (the paper's runs), else α/rank. The adapters start at zero:
     GoRA's initialisation (or a checkpoint) fills them.
 
-    ``use_kernel`` (default True): on CUDA, with triton installed and ``GORA_DISABLE_KERNELS`` unset,
-    forward runs the fused Triton layer (``gora_dist.kernels.lora``) whenever it computes the same
-    thing as the torch path and bypassing ``self.base(x)`` skips nothing; see :meth:`kernel_applies`.
+    ``use_kernel`` (default True): on CUDA with ``GORA_KERNELS=1`` and triton installed, forward runs
+    the fused Triton layer (``gora_dist.kernels.lora``) whenever it computes the same thing as the
+    torch path and bypassing ``self.base(x)`` skips nothing; see :meth:`kernel_applies`. Without
+    ``GORA_KERNELS=1`` it is torch's path: faster on the one GPU measured (docs/kernels.md).
     """
 
     def __init__(

@@ -186,7 +186,7 @@ def _add_projection(part: torch.Tensor, grad_flat: torch.Tensor, shard: FlatShar
                     use_kernel: bool) -> None:
     """part (rows, r) += this shard's share of C = Ḡ·A0ᵀ.
 
-    use_kernel (CUDA shards with triton, unless GORA_DISABLE_KERNELS=1): the rows lying wholly inside
+    use_kernel (CUDA shards with triton and GORA_KERNELS=1): the rows lying wholly inside
     the shard go through the Triton kernel (``gora_dist.kernels.pinv_solve``, one read of the shard);
     a row cut by a ZeRO-3 partition boundary at either end stays with ``add_shard_product``. Otherwise
     (and always on the CPU) ``add_shard_product`` does it all, exactly as before.

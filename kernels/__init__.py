@@ -7,9 +7,10 @@ Each op has a pure-torch reference (``reference.py``) and a Triton version besid
 - ``pinv_solve.py``: GoRA's B0 = -ξ·Ḡ·A0ᵀ·(A0A0ᵀ)⁻¹, and C = Ḡ·A0ᵀ alone for sharded plans;
 - ``matmul.py``: the one GEMM kernel they are built from.
 
-The functional entries (``functional.py``, re-exported here) run Triton wherever it can run (CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the reference otherwise;
-``GORA_DISABLE_KERNELS=1`` forces the reference. The Triton modules are imported on first use only,
+The functional entries (``functional.py``, re-exported here) run Triton where it is wanted and can
+run (CUDA tensors with ``GORA_KERNELS=1``, or CPU tensors under ``TRITON_INTERPRET=1``) and the
+reference otherwise; ``GORA_DISABLE_KERNELS=1`` forces the reference. On CUDA the default is the
+reference: measured faster on an H200 (dispatch.py says by how much). The Triton modules are imported on first use only,
 so importing this package never imports triton.
 See docs/kernels.md.
 """
@@ -46,7 +47,14 @@ def _yield_to_the_installed_kernels_package() -> bool:
 
 
 if __name__ != "kernels" or not _yield_to_the_installed_kernels_package():
-    from .dispatch import KERNEL_DTYPES, kernels_disabled, triton_can_run, triton_installed
+    from .dispatch import (
+        KERNEL_DTYPES,
+        kernels_asked_for,
+        kernels_disabled,
+        kernels_run_on,
+        triton_can_run,
+        triton_installed,
+    )
     from .functional import grouped_lora_linear, lora_linear, projected_gradient
     from .reference import (
         grouped_lora_linear_reference,
@@ -59,7 +67,9 @@ __all__ = [
     "KERNEL_DTYPES",
     "grouped_lora_linear",
     "grouped_lora_linear_reference",
+    "kernels_asked_for",
     "kernels_disabled",
+    "kernels_run_on",
     "lora_linear",
     "lora_linear_reference",
     "pinv_init_b_reference",

@@ -51,6 +51,25 @@ ADAPTER_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 RANKS = [1, 3, 7, 13, 17, 32]
 
 
+@pytest.fixture(autouse=True)
+def _kernels_asked_for(monkeypatch):
+    """On CUDA the kernels run only with GORA_KERNELS=1 (torch is the default there): the GPU cases
+    here test the kernels, so they ask for them (the interpreter runs them regardless)."""
+    monkeypatch.setenv("GORA_KERNELS", "1")
+
+
+def test_the_kernels_run_on_cuda_only_when_asked_for(monkeypatch):
+    from gora_dist.kernels import kernels_run_on
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert kernels_run_on(cuda) and kernels_run_on(cpu) == INTERPRETED
+    monkeypatch.delenv("GORA_KERNELS")
+    assert not kernels_run_on(cuda) and kernels_run_on(cpu) == INTERPRETED  # the default: torch on CUDA
+    monkeypatch.setenv("GORA_KERNELS", "1")
+    monkeypatch.setenv("GORA_DISABLE_KERNELS", "1")
+    assert not kernels_run_on(cuda) and not kernels_run_on(cpu)
+
+
 def _layer(dtype, rank, *, in_features=45, out_features=37, bias=True, tokens=(3, 13), seed=0, device="cpu"):
     """Odd sizes (45 in, 37 out, 39 tokens: partial tiles everywhere) scaled so that |y| stays O(1)."""
     gen = torch.Generator().manual_seed(seed)
