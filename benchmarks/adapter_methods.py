@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from gora_dist import GoRAConfig, apply_gora
-from gora_dist.layers import gora_modules
+from gora_dist.model.layers import gora_modules
 
 Prepare = Callable[..., nn.Module]
 

@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from gora_dist.comm_model import gora_collective_bytes  # noqa: E402
+from gora_dist.method.comm_model import gora_collective_bytes  # noqa: E402
 
 MODELS = {  # hidden, intermediate, layers, kv width
     "Llama-3.1-8B": (4096, 14336, 32, 1024),

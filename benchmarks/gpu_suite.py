@@ -205,7 +205,9 @@ def _gora(model, sizes: dict, device: str):
                         grad_steps=sizes["grad_steps"])
     _sync()
     start = time.perf_counter()
-    report = apply_gora(model, batches, config)
+    from gora_dist.memory_trace import phase
+
+    report = apply_gora(model, batches, config, on_phase=phase)
     _sync()
     total = time.perf_counter() - start
     return report, total

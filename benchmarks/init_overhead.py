@@ -93,7 +93,7 @@ def peak_rss_mb() -> float:
 
 def ours(size: str, rank: int, world: int) -> dict:
     from gora_dist import GoRAConfig
-    from gora_dist.distributed import estimate_plan
+    from gora_dist import estimate_plan
 
     model = build_model(size)
     config = GoRAConfig(target_modules=TARGETS, grad_steps=STEPS)
@@ -109,9 +109,9 @@ def centralised(size: str, rank: int, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from gora_dist.apply_utils import find_target_modules
-    from gora_dist.initialization import gora_init_b, kaiming_uniform_a, rslora_scaling
-    from gora_dist.importance import layer_importance
+    from gora_dist.model.targets import find_target_modules
+    from gora_dist.method.initialization import gora_init_b, kaiming_uniform_a, rslora_scaling
+    from gora_dist.method.importance import layer_importance
 
     model = build_model(size)
     targets = find_target_modules(model, TARGETS)
@@ -159,7 +159,7 @@ def training_steps(size: str, rank: int, world: int, plan) -> dict:
     """N ordinary training steps of the adapted model under the same engine: the unit of cost."""
     import torch
 
-    from gora_dist.distributed import apply_plan
+    from gora_dist.pipeline.apply import apply_plan
 
     model = build_model(size)
     apply_plan(model, plan)

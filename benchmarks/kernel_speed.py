@@ -67,7 +67,7 @@ def rank_map(layers: int = LAYERS) -> dict:
     """{"model.layers.<i>.<proj>": rank}: GoRA's allocation over the 8B shapes, synthetic importances."""
     import torch
 
-    from gora_dist.allocation import allocate_ranks
+    from gora_dist.method.allocation import allocate_ranks
 
     names = [f"model.layers.{i}.{p}" for i in range(layers) for p in PROJECTIONS]
     shapes = {name: PROJECTIONS[name.rsplit(".", 1)[1]] for name in names}
@@ -232,13 +232,7 @@ def init_rows(ranks: dict, device: str, timer, projections: dict, layers: int) -
     import torch
     from gora_dist.kernels.pinv_solve import gram_inverse, pinv_init_b_triton
 
-    from gora_dist.initialization import (
-        b0_scale,
-        gradient_times_a,
-        gram_cholesky,
-        kaiming_uniform_a,
-        solve_b0,
-    )
+    from gora_dist.method.initialization import b0_scale, gradient_times_a, gram_cholesky, kaiming_uniform_a, solve_b0
 
     generator = torch.Generator().manual_seed(1)
     grads = {p: torch.randn(*shape, generator=generator).to(device) for p, shape in projections.items()}

@@ -38,7 +38,7 @@ from netns import Cluster, netns_unavailable  # noqa: E402
 from conftest import write_reviews  # noqa: E402
 from netns_launch import run_job  # noqa: E402
 
-from gora_dist.comm_model import gora_collective_bytes  # noqa: E402
+from gora_dist.method.comm_model import gora_collective_bytes  # noqa: E402
 from provenance import git_commit, git_dirty  # noqa: E402
 
 NODES, STEPS = (2, 4), (4, 8)

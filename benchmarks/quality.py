@@ -36,7 +36,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
 
-from gora_dist.launcher.data import global_batch_indices, split_examples
+from gora_dist.launcher.data import split_examples
+from gora_dist.pipeline.batches import global_batch_indices
 from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder
 from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
 from protocol import (RunLog, best_rate, environment, mean_std, plot_mean_curves, rank_table,  # noqa: E402

@@ -44,7 +44,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
 
 from gora_dist.launcher.config import TrainConfig  # noqa: E402
-from gora_dist.launcher.data import global_batch_indices  # noqa: E402
+from gora_dist.pipeline.batches import global_batch_indices  # noqa: E402
 from gora_dist.launcher.models import load_model  # noqa: E402
 from gora_dist.launcher.tasks.sft import SFTTask  # noqa: E402
 from gora_dist.launcher.tokenizer import load_tokenizer  # noqa: E402

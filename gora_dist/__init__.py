@@ -4,7 +4,16 @@
     report = apply_gora(model, batches, GoRAConfig(target_modules=["q_proj", "v_proj"]))
     save_adapter(model, "out/", report)
 
-Sharded (DeepSpeed ZeRO-3, FSDP2, DDP): ``gora_dist.distributed.estimate_plan`` then ``apply_plan``.
+Sharded (DeepSpeed ZeRO-3, FSDP2, DDP): ``estimate_plan`` then ``apply_plan``. The package's layers,
+each importing only those above it in this list (docs/design.md):
+
+- ``config``, ``report``: what you ask for, and what GoRA decided (the records every layer shares);
+- ``method/``: the formulas, pure functions of tensors (no torch.distributed);
+- ``comm/``: the collectives and gathering of sharded tensors;
+- ``model/``: what GoRA puts into and reads out of a model (GoRALinear, targets, adapter files, PEFT);
+- ``engines/``: how each training engine exposes this rank's gradient shards, and which engine a run uses;
+- ``pipeline/``: gradient steps → importances → ranks → A0/B0, and the plan into a model;
+- ``integrations/``: the Trainer, TRL and accelerate; ``launcher/``: ``launch/train.py``'s run.
 """
 
 
@@ -43,27 +52,29 @@ def _checkout_kernels() -> None:
 
 _checkout_kernels()
 
-from .adapter_io import load_adapter, load_plan, save_adapter, save_plan, save_uniform_adapter
-from .allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
-from .apply import apply_gora
-from .apply_utils import find_target_modules
-from .collectives import GoRADistributedError
-from .config import GoRAConfig
-from .importance import layer_importance, normalize_importance
-from .initialization import gora_init_b, kaiming_uniform_a
-from .layers import GoRALinear, adapter_state_dict, gora_modules, mark_only_adapters_trainable, merge_adapters
-from .peft_model import lora_config, to_peft
-from .plan import GoRAPlan, apply_plan, build_plan, copy_plan_into_adapters, estimate_gradients
-from .report import GoRAReport, LayerReport
+from gora_dist.comm.collectives import GoRADistributedError
+from gora_dist.config import GoRAConfig
+from gora_dist.method.allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
+from gora_dist.method.importance import layer_importance, normalize_importance
+from gora_dist.method.initialization import gora_init_b, kaiming_uniform_a
+from gora_dist.model.adapter_io import load_adapter, load_plan, save_adapter, save_plan, save_uniform_adapter
+from gora_dist.model.layers import GoRALinear, gora_modules, mark_only_adapters_trainable, merge_adapters
+from gora_dist.model.peft_model import lora_config, to_peft
+from gora_dist.model.targets import find_target_modules
+from gora_dist.pipeline.apply import apply_gora, apply_plan, copy_plan_into_adapters
+from gora_dist.pipeline.estimation import estimate_gradients
+from gora_dist.pipeline.plan import build_plan
+from gora_dist.pipeline.sharded import estimate_plan
+from gora_dist.report import GoRAPlan, GoRAReport, LayerReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GoRAConfig", "GoRALinear", "GoRAReport", "LayerReport", "GoRAPlan", "GoRADistributedError",
-    "apply_gora", "build_plan", "apply_plan", "copy_plan_into_adapters", "estimate_gradients", "find_target_modules",
+    "apply_gora", "estimate_plan", "build_plan", "apply_plan", "copy_plan_into_adapters", "estimate_gradients", "find_target_modules",
     "save_adapter", "save_uniform_adapter", "save_plan", "load_plan", "load_adapter", "merge_adapters",
     "to_peft", "lora_config",
-    "adapter_state_dict", "gora_modules", "mark_only_adapters_trainable",
+    "gora_modules", "mark_only_adapters_trainable",
     "allocate_ranks", "lora_param_count", "lora_reference_count", "rank_budget",
     "layer_importance", "normalize_importance", "gora_init_b", "kaiming_uniform_a",
 ]

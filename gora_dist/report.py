@@ -1,11 +1,14 @@
-"""What GoRA decided and why: per-layer importance, rank, size and projection error, plus the budget."""
+"""What GoRA decided and why (per-layer importance, rank, size and projection error, the budget), and
+the plan that carries it with the initial adapters: the records every layer of the package shares."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
-from .config import GoRAConfig
+import torch
+
+from gora_dist.config import GoRAConfig
 
 
 @dataclass
@@ -116,3 +119,35 @@ class GoRAReport:
             intrinsic_dimensions=list(data.get("intrinsic_dimensions", [])),
             gamma_search=[tuple(pair) for pair in data.get("gamma_search", [])],
         )
+
+
+@dataclass
+class GoRAPlan:
+    """Everything needed to put GoRA's initial adapters into a model: the report (rank map,
+    importances, config) and A0 (r, in), B0 (out, r) per adapted layer, float32 on the CPU."""
+
+    report: GoRAReport
+    lora_a: Dict[str, torch.Tensor]
+    lora_b: Dict[str, torch.Tensor]
+    saved_state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full weights of ``config.modules_to_save`` ({"classifier.weight": ...}), trained in full."""
+
+    @property
+    def rank_map(self) -> Dict[str, int]:
+        return self.report.rank_map
+
+    @classmethod
+    def from_adapters(cls, report: GoRAReport, adapters: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+                      saved_state: Optional[Dict[str, torch.Tensor]] = None) -> "GoRAPlan":
+        """The plan ``report`` describes with other adapter weights: {module: (A (r, in), B (out, r))},
+        e.g. trained ones, read from a checkpoint or gathered from a sharded model."""
+        return cls(report, {name: a for name, (a, _) in adapters.items()}, {name: b for name, (_, b) in adapters.items()},
+                   dict(saved_state or {}))
+
+    @classmethod
+    def from_trainable(cls, report: GoRAReport, tensors: Mapping[str, torch.Tensor]) -> "GoRAPlan":
+        """As :meth:`from_adapters`, from a model's trainable tensors by name: ``<module>.lora_A`` and
+        ``<module>.lora_B`` of every adapter, the rest the saved modules' full weights."""
+        modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors if ".lora_" in name})
+        adapters = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+        return cls.from_adapters(report, adapters, {n: v for n, v in tensors.items() if ".lora_" not in n})

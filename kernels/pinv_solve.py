@@ -1,4 +1,4 @@
-"""GoRA's initial B0 = -ξ·Ḡ·A0ᵀ·(A0A0ᵀ)⁻¹ (paper Eq. 8-9; ``gora_dist.initialization``), fused.
+"""GoRA's initial B0 = -ξ·Ḡ·A0ᵀ·(A0A0ᵀ)⁻¹ (paper Eq. 8-9; ``gora_dist.method.initialization``), fused.
 
 One kernel reads a block of Ḡ's rows once, multiplies by A0ᵀ into a float32 (rows, r) accumulator and,
 when given K⁻¹ = (A0A0ᵀ)⁻¹ (r × r, from the float64 Cholesky factor, passed as float32), applies
@@ -118,7 +118,7 @@ def projected_gradient_triton(grad_rows: torch.Tensor, lora_a: torch.Tensor) -> 
 def gram_inverse(lora_a: torch.Tensor) -> torch.Tensor:
     """(A0A0ᵀ)⁻¹ (r, r) float32 on lora_a's device, from the float64 Cholesky factor (ValueError if A0 is
     rank deficient)."""
-    from gora_dist.initialization import gram_cholesky
+    from gora_dist.method.initialization import gram_cholesky
 
     return torch.cholesky_inverse(gram_cholesky(lora_a.detach())).to(torch.float32)
 

@@ -32,14 +32,14 @@ def grouped_lora_linear_reference(x, weights, biases, lora_as, lora_bs, scalings
 
 
 def projected_gradient_reference(grad_rows: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """C = Ḡ·A0ᵀ (rows, r) in float32 (``gora_dist.initialization.gradient_times_a``)."""
-    from gora_dist.initialization import gradient_times_a
+    """C = Ḡ·A0ᵀ (rows, r) in float32 (``gora_dist.method.initialization.gradient_times_a``)."""
+    from gora_dist.method.initialization import gradient_times_a
 
     return gradient_times_a(grad_rows, lora_a)
 
 
 def pinv_init_b_reference(grad_rows: torch.Tensor, lora_a: torch.Tensor, xi: float) -> torch.Tensor:
     """B0 rows = -ξ·Ḡ·A0ᵀ·(A0A0ᵀ)⁻¹ (rows, r) float32, solved in float64 as ``build_plan`` does."""
-    from gora_dist.initialization import gradient_times_a, gram_cholesky, solve_b0
+    from gora_dist.method.initialization import gradient_times_a, gram_cholesky, solve_b0
 
     return solve_b0(gradient_times_a(grad_rows, lora_a), gram_cholesky(lora_a.detach().cpu()), xi)

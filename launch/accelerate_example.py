@@ -24,8 +24,8 @@ from gora_dist import GoRAConfig  # noqa: E402
 from gora_dist.integrations import gather_adapters, prepare_gora  # noqa: E402
 from gora_dist.launcher.data import split_examples  # noqa: E402
 from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder  # noqa: E402
-from gora_dist.plan import GoRAPlan  # noqa: E402
-from gora_dist.adapter_io import save_plan  # noqa: E402
+from gora_dist.report import GoRAPlan  # noqa: E402
+from gora_dist.model.adapter_io import save_plan  # noqa: E402
 
 
 def main() -> None:

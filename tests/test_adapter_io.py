@@ -146,7 +146,7 @@ def test_a_failed_save_leaves_the_previous_adapter_intact(adapted, tmp_path, mon
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(gora_dist.adapter_io, "save_file", crash)
+    monkeypatch.setattr(gora_dist.model.adapter_io, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path, report)
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

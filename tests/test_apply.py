@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig, apply_gora, estimate_gradients, find_target_modules, gora_modules
 from gora_dist.engines import LocalEngine
-from gora_dist.initialization import kaiming_uniform_a
+from gora_dist.method.initialization import kaiming_uniform_a
 from gora_dist.kernels import lora_linear_reference
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -21,11 +21,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = """
 import importlib.util, os, sys
-import gora_dist, gora_dist.kernels, gora_dist.kernels.dispatch, gora_dist.layers
+import gora_dist, gora_dist.kernels, gora_dist.kernels.dispatch, gora_dist.model.layers
 copy = os.path.realpath(sys.argv[1])
 for module in (gora_dist, gora_dist.kernels, gora_dist.kernels.dispatch):
     assert os.path.realpath(module.__file__).startswith(copy + os.sep), (module.__name__, module.__file__)
-assert gora_dist.layers.triton_can_run is gora_dist.kernels.triton_can_run
+assert gora_dist.model.layers.triton_can_run is gora_dist.kernels.triton_can_run
 # only kernels/ is mapped: other top-level folders of the checkout do not become gora_dist.X
 assert importlib.util.find_spec("gora_dist.tests") is None and importlib.util.find_spec("gora_dist.launch") is None
 print("ok")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import lm_batches, tiny_llama
 from gora_dist import apply_gora, gora_modules
-from gora_dist.comm_model import gora_collective_bytes
+from gora_dist.method.comm_model import gora_collective_bytes
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from worker import CONFIG, GLOBAL_BATCH, GRAD_STEPS  # noqa: E402

@@ -7,9 +7,16 @@ import sys
 import pytest
 import torch
 
-from gora_dist.allocation import allocate_ranks, fit_to_budget, lora_param_count, lora_reference_count, rank_budget, round_rank
-from gora_dist.importance import abs_wg_partial_sum, layer_importance, normalize_importance, relative_change
-from gora_dist.initialization import (
+from gora_dist.method.allocation import (
+    allocate_ranks,
+    fit_to_budget,
+    lora_param_count,
+    lora_reference_count,
+    rank_budget,
+    round_rank,
+)
+from gora_dist.method.importance import abs_wg_partial_sum, layer_importance, normalize_importance, relative_change
+from gora_dist.method.initialization import (
     gora_init_b,
     kaiming_uniform_a,
     module_seed,
@@ -137,7 +144,7 @@ def test_a0_depends_only_on_seed_and_name():
 def test_a0_is_identical_in_another_process():
     code = (
         "import torch; torch.manual_seed(99);"
-        "from gora_dist.initialization import kaiming_uniform_a;"
+        "from gora_dist.method.initialization import kaiming_uniform_a;"
         "print(repr(kaiming_uniform_a(3, 7, seed=11, module_name='blk.v_proj').flatten().tolist()))"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -4,8 +4,8 @@ import pytest
 
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig, apply_gora
-from gora_dist.allocation import lora_param_count, lora_reference_count
-from gora_dist.gelora import block_ranks, gelora_rank_map
+from gora_dist.method.allocation import lora_param_count, lora_reference_count
+from gora_dist.method.gelora import block_ranks, gelora_rank_map
 
 
 def test_block_bound_is_the_rising_part_of_the_dimension():

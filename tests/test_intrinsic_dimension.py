@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gora_dist.intrinsic_dimension import twonn, twonn_dimension
+from gora_dist.method.intrinsic_dimension import twonn, twonn_dimension
 
 AMBIENT = 40
 

@@ -280,7 +280,7 @@ def test_grouped_errors_name_the_projection():
 def test_goralinear_kernel_path_and_when_it_steps_aside(monkeypatch):
     """GoRALinear takes the kernel path (here on the CPU, under the interpreter) only when nothing is
     bypassed, and matches its torch path; grouped_forward matches the modules' own forwards."""
-    from gora_dist.layers import GoRALinear, grouped_forward
+    from gora_dist.model.layers import GoRALinear, grouped_forward
 
     torch.manual_seed(0)
     modules = []
@@ -326,7 +326,7 @@ def test_goralinear_kernel_path_and_when_it_steps_aside(monkeypatch):
 
 
 def _adapter_modules(shapes=((8, 3), (4, 5)), in_features=16):
-    from gora_dist.layers import GoRALinear
+    from gora_dist.model.layers import GoRALinear
 
     torch.manual_seed(0)
     modules = []
@@ -380,7 +380,7 @@ def test_kernel_path_steps_aside_for_everything_calling_base_would_run():
 
 @interpreted
 def test_grouped_forward_honours_hooks_on_the_adapter_modules():
-    from gora_dist.layers import grouped_forward
+    from gora_dist.model.layers import grouped_forward
 
     modules = _adapter_modules()
     x = torch.randn(4, 16)
@@ -420,7 +420,7 @@ def test_functional_entries_fall_back_for_float64_autocast_and_tensor_subclasses
 
 @interpreted
 def test_double_backward_raises_instead_of_detaching():
-    from gora_dist.layers import grouped_forward
+    from gora_dist.model.layers import grouped_forward
 
     x, weight, bias, lora_a, lora_b, _ = _layer(torch.float32, 3)
     (grad_a,) = torch.autograd.grad(lora_linear(x, weight, bias, lora_a, lora_b, 1.0).square().sum(), lora_a,
@@ -500,8 +500,8 @@ def test_b0_of_a_row_shard_is_the_same_rows_and_layers_run_together():
 @pytest.mark.parametrize(("start", "stop"), [(0, 37 * 50), (75, 1234), (120, 140), (50, 37 * 50 - 7)])
 def test_plan_projection_hook_matches_the_torch_shard_product(start, stop):
     """plan._add_projection with the kernel on ZeRO-3-style flat shards that cut rows at both ends."""
-    from gora_dist.plan import _add_projection
-    from gora_dist.shards import FlatShard, add_shard_product
+    from gora_dist.pipeline.plan import _add_projection
+    from gora_dist.method.shards import FlatShard, add_shard_product
 
     grad, lora_a = _gradient_and_a()
     shard = FlatShard(start, stop, 37, 50)
@@ -675,7 +675,7 @@ def test_gpu_lora_linear_realistic_sizes(dtype, bound, rank):
 @gpu
 @pytest.mark.parametrize(("dtype", "bound"), GPU_BOUNDS[:2])
 def test_gpu_grouped_and_goralinear(dtype, bound):
-    from gora_dist.layers import GoRALinear, grouped_forward
+    from gora_dist.model.layers import GoRALinear, grouped_forward
 
     x, weights, biases, lora_as, lora_bs, _, grad_outs = _qkv(dtype, ranks=(16, 5, 27), outs=(512, 128, 128),
                                                               device="cuda")

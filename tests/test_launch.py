@@ -162,7 +162,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(data, tmp_pa
     main(arguments(data, tmp_path, "--checkpoint-every", "5", steps=6))
     before = ckpt.latest_checkpoint(str(tmp_path))
     gora, weights, optimizer, state = ckpt.read_checkpoint(before)
-    from gora_dist.plan import GoRAPlan
+    from gora_dist.report import GoRAPlan
     from gora_dist.report import GoRAReport
 
     plan = GoRAPlan(GoRAReport.from_dict(gora), {n: w[0] for n, w in weights.items()}, {n: w[1] for n, w in weights.items()})

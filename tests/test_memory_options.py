@@ -6,8 +6,8 @@ import torch
 
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig
-from gora_dist.distributed import estimate_plan
-from gora_dist.importance import nuclear_norm_bytes, nuclear_norm_refusal
+from gora_dist import estimate_plan
+from gora_dist.method.importance import nuclear_norm_bytes, nuclear_norm_refusal
 from gora_dist.launcher.models import checkpointing_in_eval_mode, enable_gradient_checkpointing
 
 CONFIG = GoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], grad_steps=3, rank_min=2, rank_ref=4, rank_max=8)
@@ -68,9 +68,9 @@ def test_nuclear_norm_refusal_names_the_metric_the_layer_and_the_sizes():
 
 
 def test_estimation_with_a_nuclear_norm_that_cannot_fit_stops_before_any_gradient_step(monkeypatch):
-    import gora_dist.plan
+    import gora_dist.pipeline.plan
 
-    monkeypatch.setattr(gora_dist.plan, "free_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(gora_dist.pipeline.plan, "free_memory_bytes", lambda device: 1000)
     config = GoRAConfig(**{**CONFIG.to_dict(), "importance": "grad_nuclear"})
     calls = []
 

@@ -24,7 +24,7 @@ from netns import Cluster, netns_unavailable
 from netns_launch import TRAIN, run_job, start_job, tool
 from safetensors.torch import load_file
 
-from gora_dist.comm_model import gora_collective_bytes
+from gora_dist.method.comm_model import gora_collective_bytes
 from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.runner import main
 

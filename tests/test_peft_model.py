@@ -8,7 +8,7 @@ import torch
 
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig, apply_plan, load_plan, save_plan, to_peft
-from gora_dist.distributed import estimate_plan
+from gora_dist import estimate_plan
 
 peft = pytest.importorskip("peft")
 

@@ -4,8 +4,8 @@ rows (ZeRO-3), tiny shards inside one row, empty shards — adds up to the full-
 import pytest
 import torch
 
-from gora_dist.importance import abs_wg_partial_sum
-from gora_dist.shards import FlatShard, add_shard_product, shard_times_a
+from gora_dist.method.importance import abs_wg_partial_sum
+from gora_dist.method.shards import FlatShard, add_shard_product, shard_times_a
 
 
 def split_points(rows, cols, world):

@@ -76,7 +76,7 @@ def test_trainer_trains_gora_adapters_and_saves_them_in_peft_format(tmp_path):
     (False, None, 1, True, "local", False),
 ])
 def test_the_engine_follows_what_the_run_will_do(zero3, fsdp, world, cpu, engine, warns):
-    from gora_dist.integrations.run_engine import choose_engine
+    from gora_dist.integrations.run_sharding import choose_engine
 
     chosen, warning = choose_engine(zero3=zero3, fsdp=fsdp, world=world, cpu=cpu)
     assert chosen == engine and (warning is not None) == warns
@@ -89,7 +89,7 @@ def test_accelerate_finds_the_blocks_of_a_model_gora_sharded_itself(monkeypatch)
     import transformers
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    from gora_dist.integrations.run_engine import name_sharded_blocks
+    from gora_dist.integrations.run_sharding import name_sharded_blocks
 
     model = tiny_llama()
     for layer in model.model.layers:  # what fully_shard does to each block's class, without a process group

@@ -2,7 +2,7 @@
 of every target weight's gradient that this rank owns.
 
 Each engine wraps the user's (unwrapped) model for the N gradient steps and offers the same small
-interface to the GoRA pipeline (``gora_dist.plan.build_plan``):
+interface to the GoRA pipeline (``gora_dist.pipeline.plan.build_plan``):
 
 - ``targets``: {name: nn.Linear} in module order, names as in the unwrapped model;
 - ``shard(name)`` -> ``FlatShard`` and ``local_weight(name)`` -> the owned elements of W, flat;
@@ -14,14 +14,14 @@ interface to the GoRA pipeline (``gora_dist.plan.build_plan``):
 Only ``deepspeed_zero`` imports deepspeed, and only when used.
 """
 
-from .base import EstimationEngine, LocalEngine
-from .ddp import DDPEngine
-from .fsdp2 import FSDP2Engine
+from gora_dist.engines.base import EstimationEngine, LocalEngine
+from gora_dist.engines.ddp import DDPEngine
+from gora_dist.engines.fsdp2 import FSDP2Engine
 
 
 def ZeroEngine(*args, **kwargs):
     """DeepSpeed ZeRO-3 estimation engine (imports deepspeed on first use)."""
-    from .deepspeed_zero import ZeroEngine as _ZeroEngine
+    from gora_dist.engines.deepspeed_zero import ZeroEngine as _ZeroEngine
 
     return _ZeroEngine(*args, **kwargs)
 

@@ -8,9 +8,11 @@ from typing import Callable, Dict, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from ..apply_utils import batch_loss, find_target_modules, model_device, to_device
-from ..gradients import gradients_only_for, target_weight_names
-from ..shards import FlatShard
+from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
+from gora_dist.method.shards import FlatShard
+from gora_dist.model.devices import model_device, to_device
+from gora_dist.model.loss import batch_loss
+from gora_dist.model.targets import find_target_modules
 
 AddGrad = Callable[[str, torch.Tensor], None]
 

@@ -11,9 +11,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..apply_utils import batch_loss, find_target_modules, model_device, to_device
-from ..gradients import gradients_only_for, target_weight_names
-from ..shards import FlatShard
+from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
+from gora_dist.method.shards import FlatShard
+from gora_dist.model.devices import model_device, to_device
+from gora_dist.model.loss import batch_loss
+from gora_dist.model.targets import find_target_modules
 
 
 class DDPEngine:

@@ -23,10 +23,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload, ZeROOrderedDict
 
-from ..apply_utils import batch_loss, find_target_modules, to_device
-from ..gradients import gradients_only_for, target_weight_names
-from ..shards import FlatShard
-from .reduce import owned_mean
+from gora_dist.comm.reduce import owned_mean
+from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
+from gora_dist.method.shards import FlatShard
+from gora_dist.model.devices import to_device
+from gora_dist.model.loss import batch_loss
+from gora_dist.model.targets import find_target_modules
 
 _TRAINING_KEYS = ("optimizer", "scheduler", "train_batch_size")
 # what DeepSpeedZeRoOffload leaves on each module; left in place, a later deepspeed.initialize

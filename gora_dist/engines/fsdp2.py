@@ -19,13 +19,15 @@ import warnings
 from typing import Iterable, Optional
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 
-from ..apply_utils import batch_loss, find_target_modules, to_device, transformer_blocks
-from ..gradients import gradients_only_for, target_weight_names
-from ..shards import FlatShard
-from .reduce import owned_mean
+from gora_dist.comm.reduce import owned_mean
+from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
+from gora_dist.method.shards import FlatShard
+from gora_dist.model.devices import to_device
+from gora_dist.model.loss import batch_loss
+from gora_dist.model.targets import find_target_modules, transformer_blocks
 
 
 def default_shard_modules(model: nn.Module) -> list:
@@ -53,6 +55,14 @@ def _embedding(model: nn.Module, getter: str):
         return getattr(model, getter)()
     except (AttributeError, NotImplementedError):  # not a transformers model, or one without the getter
         return None
+
+
+def mixed_precision(half: Optional[torch.dtype]):
+    """FSDP2's policy for a run: compute in ``half`` (bf16/fp16) with float32 gradient reduction, or
+    FSDP2's default (the parameters' own dtype) when ``half`` is None."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
 
 
 def fully_shard_model(model: nn.Module, groups: Optional[Iterable] = None, **fsdp_kwargs) -> None:

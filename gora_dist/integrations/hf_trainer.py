@@ -30,11 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..adapter_io import load_plan, save_plan
-from ..config import GoRAConfig
-from ..gather import full_parameters
-from ..plan import GoRAPlan, apply_plan
-from .run_engine import choose_engine, fsdp_version, on_cpu, shard_fsdp2, zero3_config
+from gora_dist.comm.gather import full_parameters
+from gora_dist.config import GoRAConfig
+from gora_dist.engines.choice import choose_engine
+from gora_dist.integrations.run_sharding import fsdp_version, on_cpu, shard_fsdp2, zero3_config
+from gora_dist.model.adapter_io import load_plan, save_plan
+from gora_dist.pipeline.apply import apply_plan
+from gora_dist.pipeline.batches import global_batch_indices, rank_micro_batches
+from gora_dist.report import GoRAPlan
 
 
 def _rank_world() -> Tuple[int, int]:
@@ -44,24 +47,23 @@ def _rank_world() -> Tuple[int, int]:
 
 
 def _rank_batches(dataset, collator, global_batch: int, steps: int, seed: int):
-    """This rank's slice of each of ``steps`` global batches drawn by a seeded permutation."""
+    """This rank's share of each of ``steps`` global batches (the launcher's draw and split)."""
     rank, world = _rank_world()
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} is not a multiple of the world size {world}")
-    per_rank = global_batch // world
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    if len(order) < steps * global_batch:
-        raise ValueError(f"the dataset has {len(order)} examples: too few for {steps} gradient steps of {global_batch}")
-    for step in range(steps):
-        chunk = order[step * global_batch:(step + 1) * global_batch][rank * per_rank:(rank + 1) * per_rank]
-        yield collator([dataset[i] for i in chunk])
+    if len(dataset) < global_batch:
+        raise ValueError(f"the dataset has {len(dataset)} examples: too few for a global batch of {global_batch}")
+    draws = global_batch_indices(len(dataset), global_batch, seed, stream=1)
+    for _ in range(steps):
+        (share,) = rank_micro_batches(next(draws), rank, world, global_batch // world)
+        yield collator([dataset[i] for i in share])
 
 
 def _estimate(model, train_dataset, config: GoRAConfig, *, args, accelerator, data_collator, global_batch_size,
               loss_fn, engine: str, plan_from: Optional[str]) -> GoRAPlan:
     """The plan estimated under the run's engine, or read from ``plan_from``; the model is left
     sharded as the engine holds it."""
-    from ..distributed import estimate_plan
+    from gora_dist.pipeline.sharded import estimate_plan
 
     world = _rank_world()[1]
     extra = {}
@@ -124,7 +126,7 @@ def prepare_gora_peft(model: nn.Module, train_dataset, config: GoRAConfig, *, ar
     a model as it is only when the model is ``fully_shard``-ed at the top); use :func:`prepare_gora`,
     whose model accelerate takes as it is.
     """
-    from ..peft_model import to_peft
+    from gora_dist.model.peft_model import to_peft
 
     if engine == "auto" and fsdp_version(args, accelerator) == 2 and _rank_world()[1] > 1 \
             and not on_cpu(args, accelerator):
@@ -162,8 +164,7 @@ class GoRAAdapterSaver(_trainer_callback_base()):
     def _write(self, model, folder: str) -> None:
         adapters = gather_adapters(model)
         if _rank_world()[0] == 0:
-            current = GoRAPlan(self.plan.report, {n: a for n, (a, _) in adapters.items()},
-                               {n: b for n, (_, b) in adapters.items()})
+            current = GoRAPlan.from_adapters(self.plan.report, adapters)
             save_plan(current, os.path.join(folder, self.subfolder), model)
 
     def on_save(self, args, state, control, model=None, **kwargs):

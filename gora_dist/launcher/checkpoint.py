@@ -19,8 +19,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapter_io import _usual_permissions, save_plan
-from ..plan import GoRAPlan
+from gora_dist.model.adapter_io import _usual_permissions, save_plan
+from gora_dist.report import GoRAPlan
 
 LATEST = "latest"
 

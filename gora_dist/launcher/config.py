@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..config import GoRAConfig
-from .tasks.answers import MATCH_MODES
-from .targets import BERT_TARGETS, LLAMA_TARGETS
+from gora_dist.config import GoRAConfig
+from gora_dist.launcher.targets import BERT_TARGETS, LLAMA_TARGETS
+from gora_dist.launcher.tasks.answers import MATCH_MODES
 
 ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
 TASKS = ("causal-lm", "seq-cls", "sft")

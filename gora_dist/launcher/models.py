@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .tokenizer import TINY_MODELS, ByteTokenizer, model_source
+from gora_dist.launcher.tokenizer import TINY_MODELS, ByteTokenizer, model_source
 
 
 def _tiny_model(spec: str, head: dict, max_length: int) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..report import GoRAReport
+from gora_dist.report import GoRAReport
 
 
 def _layer_and_kind(name: str):

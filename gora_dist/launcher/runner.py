@@ -16,19 +16,22 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..adapter_io import save_plan
-from ..layers import adapters_disabled
-from ..memory_trace import phase, write_now as write_memory_trace
-from ..plan import GoRAPlan, apply_plan
-from ..report import GoRAReport
-from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
-from .config import TrainConfig, load_config
-from .data import global_batch_indices, rank_micro_batches
-from .models import checkpointing_in_eval_mode, enable_gradient_checkpointing, load_model
-from .targets import resolve_targets
-from .tasks import Task, build_task
-from .tasks.base import all_sum, to_device
-from .tokenizer import TINY_MODELS, load_tokenizer
+from gora_dist.engines.choice import choose_engine
+from gora_dist.launcher.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from gora_dist.launcher.config import TrainConfig, load_config
+from gora_dist.launcher.models import checkpointing_in_eval_mode, enable_gradient_checkpointing, load_model
+from gora_dist.launcher.targets import resolve_targets
+from gora_dist.launcher.tasks import Task, build_task
+from gora_dist.launcher.tasks.base import all_sum
+from gora_dist.launcher.tokenizer import TINY_MODELS, load_tokenizer
+from gora_dist.memory_trace import phase
+from gora_dist.memory_trace import write_now as write_memory_trace
+from gora_dist.model.adapter_io import save_plan
+from gora_dist.model.devices import to_device
+from gora_dist.model.layers import adapters_disabled
+from gora_dist.pipeline.apply import apply_plan
+from gora_dist.pipeline.batches import global_batch_indices, rank_micro_batches
+from gora_dist.report import GoRAPlan, GoRAReport
 
 ESTIMATION_ENGINE = {"local": "local", "ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3", "zero2": "ddp"}
 
@@ -63,7 +66,7 @@ def setup_distributed(config: TrainConfig, by_deepspeed: bool) -> Setup:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     engine = config.engine
     if engine == "auto":
-        engine = "zero3" if by_deepspeed else ("ddp" if world > 1 else "local")
+        engine, _ = choose_engine(zero3=by_deepspeed, fsdp=None, world=world, cpu=not torch.cuda.is_available())
     if engine == "local" and world > 1:
         raise ValueError(f"engine=local with WORLD_SIZE={world}: pick ddp, fsdp2, zero3 or zero2 for several processes")
     cuda = torch.cuda.is_available()
@@ -163,17 +166,15 @@ def _labels(task: Task) -> tuple:
 
 
 def _fsdp2_policy(config: TrainConfig):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from gora_dist.engines.fsdp2 import mixed_precision
 
-    if config.precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+    return mixed_precision(torch.bfloat16 if config.precision == "bf16" else None)
 
 
 def _shard_fsdp2(model, config: TrainConfig) -> None:
     """fully_shard each transformer block and the embeddings, then the root (estimation and training
     share this model)."""
-    from ..engines.fsdp2 import fully_shard_model
+    from gora_dist.engines.fsdp2 import fully_shard_model
 
     fully_shard_model(model, mp_policy=_fsdp2_policy(config))
 
@@ -186,11 +187,11 @@ def _load(config: TrainConfig, task: Task, setup: Setup, zero3_config: Optional[
     options = dict(task=config.task, labels=_labels(task), precision=config.precision, max_length=config.max_length)
     say = print if setup.main else (lambda *a, **k: None)
     if setup.engine == "fsdp2":
-        from .sharded_models import load_fsdp2
+        from gora_dist.launcher.sharded_models import load_fsdp2
 
         return load_fsdp2(config.model, lambda model: _shard_fsdp2(model, config), setup.device, say=say, **options)
     if setup.engine == "zero3":
-        from .sharded_models import load_zero3
+        from gora_dist.launcher.sharded_models import load_zero3
 
         return load_zero3(config.model, zero3_config, say=say, **options)
     return load_model(config.model, **options).to(setup.device)  # local, ddp, zero2: the whole model per rank
@@ -232,7 +233,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
     accumulation = config.global_batch_size // (micro * setup.world)
     zero3_loading = zero3_config = None
     if setup.engine == "zero3" and config.model not in TINY_MODELS:  # the random test models are built, not loaded
-        from .sharded_models import keep_zero3_loading
+        from gora_dist.launcher.sharded_models import keep_zero3_loading
 
         zero3_config = deepspeed_config(config, 3, micro, accumulation, setup.world)
         zero3_loading = keep_zero3_loading(zero3_config)  # noqa: F841 (lives for the run)
@@ -260,8 +261,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         saved, weights, optimizer_tensors, state = read_checkpoint(path)
         _check_resume(saved, state, config, path)
         report = GoRAReport.from_dict(saved)
-        plan = GoRAPlan(report, {n: w[0] for n, w in weights.items()}, {n: w[1] for n, w in weights.items()},
-                        state.pop("saved_state"))
+        plan = GoRAPlan.from_adapters(report, weights, state.pop("saved_state"))
         start_step = state["step"]
         say(f"resuming from {path} at step {start_step} (world size {state.get('world_size')} -> {setup.world})")
     else:
@@ -269,7 +269,7 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         if len(train) < needed:
             raise ValueError(f"{len(train)} training examples are too few for gora.grad_steps={gora.grad_steps} x "
                              f"global_batch_size={config.global_batch_size} = {needed}")
-        from ..distributed import estimate_plan
+        from gora_dist.pipeline.sharded import estimate_plan
 
         estimation = dataclasses.replace(gora, grad_steps=gora.grad_steps * accumulation)
         batches = _estimation_batches(task, config, setup, micro, setup.main)
@@ -277,14 +277,14 @@ def run(config: TrainConfig, setup: Setup, task: Task) -> dict:
         phase("gradient steps")  # build_plan enters "init" after them
         with checkpointing_in_eval_mode(model):
             plan = estimate_plan(model, batches, estimation, engine=ESTIMATION_ENGINE[setup.engine],
-                                 timeout_s=config.timeout_s, **extra)
+                                 timeout_s=config.timeout_s, on_phase=phase, **extra)
         plan.report.config = gora
         plan.report.notes.append(f"{plan.report.grad_steps} backward passes = {gora.grad_steps} global batches "
                                  f"of {config.global_batch_size} ({accumulation} micro-batches of {micro} per rank)")
         if setup.main:
             save_plan(plan, os.path.join(out, "init"), model)
             say(plan.report.table())
-            from .plot import plot_rank_map
+            from gora_dist.launcher.plot import plot_rank_map
 
             plot_rank_map(plan.report, os.path.join(out, "rank_map.png"), title=config.model)
         metrics["init"] = dict(plan.report.timings)
@@ -357,11 +357,7 @@ def _scores(scores: dict) -> str:
 
 def _current_plan(trainer, plan: GoRAPlan) -> GoRAPlan:
     """The plan with the adapters' (and saved modules') current full weights."""
-    tensors = trainer.full_trainable()
-    modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors if ".lora_" in name})
-    saved = {name: value for name, value in tensors.items() if ".lora_" not in name}
-    return GoRAPlan(plan.report, {m: tensors[f"{m}.lora_A"] for m in modules},
-                    {m: tensors[f"{m}.lora_B"] for m in modules}, saved)
+    return GoRAPlan.from_trainable(plan.report, trainer.full_trainable())
 
 
 def _checkpoint(trainer, plan, config: TrainConfig, setup: Setup, step: int) -> None:
@@ -379,10 +375,10 @@ def _training(model, plan: GoRAPlan, config: TrainConfig, setup: Setup, micro: i
               ds_stage: Optional[int]):
     """Put the plan's adapters into the model as loaded (still sharded by FSDP2 or partitioned by
     ZeRO-3 after estimation) and wrap it for training by the engine."""
-    from .training import DeepSpeedTraining, TorchTraining
+    from gora_dist.launcher.training import DeepSpeedTraining, TorchTraining
 
     apply_plan(model, plan)
-    if setup.engine == "fsdp2":  # already sharded; the adapters are replicated (see gora_dist.replicated)
+    if setup.engine == "fsdp2":  # already sharded; the adapters are replicated (see gora_dist.comm.replicated)
         return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1, main=setup.main)
     if ds_stage is not None:
         ds_config = deepspeed_config(config, ds_stage, micro, accumulation, setup.world)

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .models import load_model, model_from_config, model_skeleton
-from .tokenizer import TINY_MODELS, model_source
+from gora_dist.launcher.models import load_model, model_from_config, model_skeleton
+from gora_dist.launcher.tokenizer import TINY_MODELS, model_source
 
 
 def keep_zero3_loading(ds_config: dict):

@@ -13,6 +13,8 @@ from typing import Dict, List, Sequence, Union
 
 import torch.nn as nn
 
+from gora_dist.model.targets import module_matches
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FUSED_QKV_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -42,7 +44,7 @@ def _head_modules(model: nn.Module, heads: Sequence[str]) -> set:
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
         found.add(id(model.get_output_embeddings()))
     for name, module in model.named_modules():
-        if name and any(name == head or name.endswith("." + head) for head in heads):
+        if name and module_matches(name, list(heads)):
             found.update(id(sub) for sub in module.modules())
     return found
 

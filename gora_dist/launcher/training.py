@@ -13,8 +13,8 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ..gather import full_copy, gather_partitions
-from .config import TrainConfig
+from gora_dist.comm.gather import full_copy, gather_partitions
+from gora_dist.launcher.config import TrainConfig
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -27,10 +27,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import lm_batches, tiny_llama  # noqa: E402
 
-import gora_dist.plan  # noqa: E402
+import gora_dist.pipeline.plan  # noqa: E402
 from gora_dist import GoRAConfig, gora_modules, save_plan  # noqa: E402
-import gora_dist.distributed  # noqa: E402
-from gora_dist.distributed import apply_plan, estimate_plan  # noqa: E402
+import gora_dist.pipeline.sharded  # noqa: E402
+from gora_dist.pipeline.apply import apply_plan  # noqa: E402
+from gora_dist.pipeline.sharded import estimate_plan
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 GLOBAL_BATCH, GRAD_STEPS = 4, 3
@@ -70,14 +71,14 @@ def main():
     torch.manual_seed(1234 + rank)  # the plan must not depend on the global RNG
 
     if mode == "disagree" and rank == 1:
-        original = gora_dist.plan.allocate_ranks
+        original = gora_dist.pipeline.plan.allocate_ranks
 
         def skewed(*args, **kwargs):
             ranks = original(*args, **kwargs)
             first = next(iter(ranks))
             return {**ranks, first: ranks[first] + 1}
 
-        gora_dist.plan.allocate_ranks = skewed
+        gora_dist.pipeline.plan.allocate_ranks = skewed
 
     model = tiny_llama(intermediate_size=75)
     kwargs = {"ds_config": DS_CONFIG} if engine == "zero3" else {}
@@ -90,14 +91,14 @@ def main():
             os._exit(0)
         return output.loss
 
-    engines, make_engine = [], gora_dist.distributed.make_engine
+    engines, make_engine = [], gora_dist.pipeline.sharded.make_engine
 
     def recorded_make_engine(*args, **kwargs):
         made = make_engine(*args, **kwargs)
         engines.append(weakref.ref(made))
         return made
 
-    gora_dist.distributed.make_engine = recorded_make_engine
+    gora_dist.pipeline.sharded.make_engine = recorded_make_engine
     unsharded = [weakref.ref(model.get_submodule(name).weight) for name, _ in gora_dist.find_target_modules(model, TARGETS).items()]
     plan = estimate_plan(model, rank_batches(rank, world, mode), CONFIG, engine=engine, timeout_s=timeout_s,
                          loss_fn=loss_fn, **kwargs)

@@ -3,16 +3,16 @@ and ``sft`` (prompt → response, generation and response NLL). :func:`build_tas
 
 from __future__ import annotations
 
-from .base import Task
+from gora_dist.launcher.tasks.base import Task
 
 
 def build_task(config, tokenizer) -> Task:
     """The task of ``config.task`` with its data read, checked and tokenized (no model, no process group)."""
     if config.task == "sft":
-        from .sft import SFTTask
+        from gora_dist.launcher.tasks.sft import SFTTask
 
         return SFTTask(config, tokenizer)
-    from .classification import ClassificationTask
+    from gora_dist.launcher.tasks.classification import ClassificationTask
 
     return ClassificationTask(config, tokenizer)
 

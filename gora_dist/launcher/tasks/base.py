@@ -52,11 +52,6 @@ def rank_chunks(examples: Sequence, setup, size: int,
         yield chunk + [filler] * (size - len(chunk)), len(chunk), indices
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on ``device``; other values (``num_items_in_batch``) as they are."""
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
 def all_sum(values: Sequence[float], setup) -> List[float]:
     """Element-wise sums over ranks (float64; on the GPU under NCCL)."""
     tensor = torch.tensor(list(values), dtype=torch.float64,

@@ -19,11 +19,12 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from ..data import split_examples
-from ..models import load_model
-from ..records import read_jsonl
-from ..tokenizer import load_tokenizer, single_token
-from .base import all_sum, rank_chunks, to_device
+from gora_dist.launcher.data import split_examples
+from gora_dist.launcher.models import load_model
+from gora_dist.launcher.records import read_jsonl
+from gora_dist.launcher.tasks.base import all_sum, rank_chunks
+from gora_dist.launcher.tokenizer import load_tokenizer, single_token
+from gora_dist.model.devices import to_device
 
 PROMPT = "Review: {text}\nSentiment (positive or negative):"
 LABEL_WORDS = (" negative", " positive")

@@ -21,9 +21,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .answers import answers_match
-from .base import all_sum, gather_samples, rank_chunks, to_device
-from .sft_data import SFTFields, sft_records, tokenize_records
+from gora_dist.launcher.tasks.answers import answers_match
+from gora_dist.launcher.tasks.base import all_sum, gather_samples, rank_chunks
+from gora_dist.launcher.tasks.sft_data import SFTFields, sft_records, tokenize_records
+from gora_dist.model.devices import to_device
 
 
 class SFTTask:

@@ -24,8 +24,9 @@ import os
 from array import array
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
-from ..data import split_examples
-from ..records import Record, read_jsonl, read_records
+
+from gora_dist.launcher.data import split_examples
+from gora_dist.launcher.records import Record, read_jsonl, read_records
 
 ROLES = ("system", "user", "assistant")
 ASDIV_PROMPT = "Question: {passage} {question}\nAnswer:"
@@ -205,7 +206,7 @@ def asdiv_file() -> str:
 def asdiv_records() -> List[Record]:
     """ASDiv (Miao et al., ACL 2020) as prompt/completion records: the problems whose answer starts
     with a number (for exact match of the first number), duplicates removed, in file order."""
-    from .answers import starts_with_number
+    from gora_dist.launcher.tasks.answers import starts_with_number
 
     records, seen = [], set()
     for origin, values in read_jsonl(asdiv_file()):

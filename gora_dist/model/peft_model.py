@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .gather import write_full
-from .layers import GoRALinear, check_adapters_fit
-from .replicated import average_beside_shards
+from gora_dist.comm.gather import write_full
+from gora_dist.comm.replicated import average_beside_shards
+from gora_dist.model.layers import GoRALinear, check_adapters_fit
 
 
 def lora_config(plan, *, task_type: Optional[str] = None, inference_mode: bool = False):
@@ -57,7 +57,7 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
     """
     from peft import get_peft_model
 
-    from .adapter_io import _task_type
+    from gora_dist.model.adapter_io import _task_type
 
     if any(isinstance(module, GoRALinear) for module in model.modules()):
         raise ValueError("the model already has GoRA layers: pass it as loaded (to_peft adds PEFT's own layers)")

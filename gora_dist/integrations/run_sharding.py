@@ -1,11 +1,11 @@
-"""Which engine a Trainer / accelerate run trains with, read from its arguments, its Accelerator or
-accelerate's environment, and the FSDP2 sharding it would apply: so GoRA estimates on the model as
-that engine will hold it."""
+"""How a Trainer / accelerate run shards the model, read from its arguments, its Accelerator or
+accelerate's environment (ZeRO-3's config, the FSDP version, FSDP2's mixed precision), and that
+FSDP2 sharding applied: so GoRA estimates on the model as the run's engine will hold it."""
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -43,30 +43,12 @@ def on_cpu(args, accelerator) -> bool:
     return device is not None and torch.device(device).type == "cpu"
 
 
-CPU_FSDP_WARNING = ("FSDP was asked for on the CPU, where accelerate trains with DDP instead: GoRA estimates with "
-                    "DDP as well (every rank holds the whole model and its target gradients)")
-FSDP1_WARNING = ("FSDP1 run: GoRA estimates with DDP (every rank holds the whole model and its target gradients "
-                 "during the gradient steps); use FSDP2 (fsdp_config={'version': 2}) to shard it")
-
-
-def choose_engine(*, zero3: bool, fsdp: Optional[int], world: int, cpu: bool) -> Tuple[str, Optional[str]]:
-    """The estimation engine for a run, and a warning when it cannot shard as asked: ZeRO-3 when the
-    run uses it, FSDP2 when FSDP2 will run (several processes on accelerator devices), DDP for other
-    multi-process runs, ``local`` for one process."""
-    if zero3:
-        return "zero3", None
-    if fsdp is not None and world > 1 and cpu:
-        return "ddp", CPU_FSDP_WARNING
-    if fsdp == 2 and world > 1:
-        return "fsdp2", None
-    if fsdp == 1 and world > 1:
-        return "ddp", FSDP1_WARNING
-    return ("ddp" if world > 1 else "local"), None
-
-
 def fsdp2_policy(args, accelerator):
-    """FSDP2's mixed precision for the run: bf16/fp16 compute with float32 reduction when asked for."""
+    """FSDP2's mixed precision for the run: the Accelerator's own policy, else bf16/fp16 compute with
+    float32 reduction when the run asks for it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from gora_dist.engines.fsdp2 import mixed_precision
 
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) if accelerator is not None else None
     policy = getattr(plugin, "mixed_precision_policy", None)
@@ -76,7 +58,7 @@ def fsdp2_policy(args, accelerator):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     if half is None and args is not None:
         half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
-    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+    return mixed_precision(half)
 
 
 def shard_fsdp2(model: nn.Module, args, accelerator) -> None:
@@ -84,7 +66,7 @@ def shard_fsdp2(model: nn.Module, args, accelerator) -> None:
     model is sharded already)."""
     from torch.distributed.fsdp import FSDPModule
 
-    from ..engines.fsdp2 import fully_shard_model
+    from gora_dist.engines.fsdp2 import fully_shard_model
 
     settings = {"mp_policy": fsdp2_policy(args, accelerator)}  # what accelerate would pass
     config = (getattr(args, "fsdp_config", None) or {}) if args is not None else {}

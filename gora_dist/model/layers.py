@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_hooks
 
+from gora_dist.comm.gather import write_full
 from gora_dist.kernels import KERNEL_DTYPES, triton_can_run
-
-from .gather import write_full
-from .initialization import rslora_scaling
+from gora_dist.method.initialization import rslora_scaling
+from gora_dist.model.targets import saved_modules
 
 
 def _global_module_hooks() -> bool:
@@ -187,24 +186,6 @@ def adapters_disabled(model: nn.Module):
     finally:
         for module, scaling in saved:
             module.scaling = scaling
-
-
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """{"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)} for every adapter, detached."""
-    state = {}
-    for name, module in gora_modules(model):
-        state[f"{name}.lora_A"] = module.lora_A.detach()
-        state[f"{name}.lora_B"] = module.lora_B.detach()
-    return state
-
-
-def saved_modules(model: nn.Module, names: Sequence[str]) -> Dict[str, nn.Module]:
-    """Modules matched by ``names`` (PEFT's modules_to_save rule: the name or a ``.name`` suffix)."""
-    found = {n: m for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)}
-    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
-    if missing:
-        raise ValueError(f"modules_to_save {missing} match no module of this model")
-    return found
 
 
 def mark_only_adapters_trainable(model: nn.Module, modules_to_save: Sequence[str] = ()) -> None:

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .layers import GoRALinear
+from gora_dist.model.layers import GoRALinear
 
 
 @torch.no_grad()

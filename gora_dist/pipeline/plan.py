@@ -18,132 +18,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
-import torch.nn as nn
 
+from gora_dist.comm.collectives import Collective
+from gora_dist.comm.gather import full_parameters, under
+from gora_dist.config import GoRAConfig
 from gora_dist.kernels import projected_gradient, triton_can_run
-
-from .allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
-from .collectives import Collective, GoRADistributedError
-from .config import GoRAConfig
-from .gradients import ShardedAccumulator
-from .importance import abs_wg_partial_sum, normalize_importance, nuclear_norm, nuclear_norm_refusal, relative_change
-from .initialization import b0_scale, gram_cholesky, kaiming_uniform_a, projected_energy, residual_ratio, rslora_scaling, solve_b0
-from .apply_utils import free_memory_bytes, transformer_blocks
-from .gather import full_parameters, under, write_full
-from .replicated import average_beside_shards
-from .gelora import HiddenStateSampler, block_ranks, gelora_rank_map, level_dimensions
-from .layers import GoRALinear, install_adapters, saved_modules
-from .memory_trace import phase
-from .report import GoRAReport, LayerReport
-from .shards import FlatShard, add_shard_product
+from gora_dist.method.allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
+from gora_dist.method.gelora import block_ranks, gelora_rank_map, level_dimensions
+from gora_dist.method.importance import normalize_importance, nuclear_norm_refusal
+from gora_dist.method.initialization import (
+    b0_scale,
+    gram_cholesky,
+    kaiming_uniform_a,
+    projected_energy,
+    residual_ratio,
+    rslora_scaling,
+    solve_b0,
+)
+from gora_dist.method.shards import FlatShard, add_shard_product
+from gora_dist.model.devices import free_memory_bytes
+from gora_dist.model.hidden_states import HiddenStateSampler
+from gora_dist.model.targets import saved_modules, transformer_blocks
+from gora_dist.pipeline.estimation import estimate_gradients
+from gora_dist.report import GoRAPlan, GoRAReport, LayerReport
 
 C_BUCKET_ELEMENTS = 16 * 2**20  # all-reduce C in buckets of at most 64 MB of float32
 
-
-@dataclass
-class GoRAPlan:
-    """Everything needed to put GoRA's initial adapters into a model: the report (rank map,
-    importances, config) and A0 (r, in), B0 (out, r) per adapted layer, float32 on the CPU."""
-
-    report: GoRAReport
-    lora_a: Dict[str, torch.Tensor]
-    lora_b: Dict[str, torch.Tensor]
-    saved_state: Dict[str, torch.Tensor] = field(default_factory=dict)
-    """Full weights of ``config.modules_to_save`` ({"classifier.weight": ...}), trained in full."""
-
-    @property
-    def rank_map(self) -> Dict[str, int]:
-        return self.report.rank_map
-
-
-# --- estimation -------------------------------------------------------------------------------------
-
-def _partial_sums(engine, accumulator: ShardedAccumulator, names: List[str]) -> torch.Tensor:
-    """(layers, 3) float64: Σ|W⊙Ḡ|, element count and ‖Ḡ‖² over what this rank owns."""
-    sums = torch.zeros(len(names), 3, dtype=torch.float64)
-    for index, name in enumerate(names):
-        mean = accumulator.mean(name)
-        if mean.numel():
-            total, count = abs_wg_partial_sum(engine.local_weight(name), mean)
-            sums[index] = torch.tensor([total, count, float(mean.double().square().sum())])
-    return sums
-
-
-def _gather_full(collective: Collective, local: torch.Tensor, shard: FlatShard, owner: int, phase: str):
-    """The full (rows, cols) matrix on ``owner`` from every rank's flat shard (None elsewhere).
-
-    Built with all-reduce of a zero-padded full buffer, one layer at a time: simple, works on every
-    backend; only for the nuclear-norm metrics, which need the whole matrix by definition.
-    """
-    full = torch.zeros(shard.rows * shard.cols, dtype=torch.float32, device=collective.device)
-    full[shard.start:shard.stop] = local.to(device=full.device, dtype=torch.float32)
-    collective.all_reduce(full, phase)
-    return full.view(shard.rows, shard.cols) if collective.rank == owner else None
-
-
-def _importances(engine, accumulator, names, metric: str, collective: Collective):
-    """(importance per layer, the summed (layers, 3) partial sums) — the same on every rank."""
-    sums = collective.all_reduce(_partial_sums(engine, accumulator, names), "importance partial sums")
-    if metric == "mean_abs_wg":
-        return {name: float(sums[i, 0] / sums[i, 1]) for i, name in enumerate(names)}, sums
-    values = torch.zeros(len(names), dtype=torch.float64)
-    for index, name in enumerate(names):
-        owner = index % collective.world_size
-        grad = _gather_full(collective, accumulator.mean(name), engine.shard(name), owner, f"gather {name}")
-        if metric == "wg_nuclear":
-            weight = _gather_full(collective, engine.local_weight(name), engine.shard(name), owner, f"gather {name} weight")
-        if grad is not None:
-            values[index] = nuclear_norm(grad if metric == "grad_nuclear" else weight * grad)
-    collective.all_reduce(values, "nuclear-norm importances")
-    return {name: float(values[i]) for i, name in enumerate(names)}, sums
-
-
-def estimate_gradients(engine, batches: Iterator, config: GoRAConfig, *, loss_fn=None,
-                       collective: Optional[Collective] = None):
-    """N forward/backward passes through the engine; failures on any rank are agreed on, not hung on.
-
-    Returns (accumulator of owned float32 gradient sums, importance per layer, ‖Ḡ‖² per layer).
-    """
-    collective = collective or Collective()
-    names = list(engine.targets)
-    accumulator = ShardedAccumulator({n: engine.shard(n).numel for n in names}, engine.device)
-    importance = sums = None
-    with torch.enable_grad():
-        for step in range(1, config.grad_steps + 1):
-            # 1. every rank has a usable batch, before any rank enters the engine's forward collectives
-            problem, batch, loss = None, None, None
-            try:
-                batch = next(batches)
-                if loss_fn is None and not isinstance(batch, Mapping):
-                    problem = f"gradient step {step}: batch is a {type(batch).__name__}; pass dicts of model inputs, or loss_fn="
-            except StopIteration:
-                problem = (f"the batches ran out after {step - 1} of grad_steps={config.grad_steps} gradient steps; "
-                           "pass more batches or lower grad_steps")
-            collective.check(problem, f"gradient step {step} (batch)")
-            # 2. every rank has a finite scalar loss (the forward's collectives are behind us)
-            try:
-                loss = engine.loss(batch, loss_fn, f"gradient step {step}")
-            except ValueError as failure:
-                problem = str(failure)
-            collective.check(problem, f"gradient step {step} (loss)")
-            engine.backward(loss, accumulator.add)
-            collective.check(accumulator.end_step(), f"gradient step {step} (gradients)")
-            if config.adaptive_grad_steps:
-                previous = importance
-                importance, sums = _importances(engine, accumulator, names, config.importance, collective)
-                settled = previous is not None and relative_change(previous, importance) <= config.adaptive_threshold
-                if settled and step >= config.adaptive_min_steps:
-                    break
-    if importance is None:
-        importance, sums = _importances(engine, accumulator, names, config.importance, collective)
-    return accumulator, importance, sums[:, 2]
-
-
-# --- rank map -------------------------------------------------------------------------------------
 
 def _agreed_rank_map(ranks: Dict[str, int], collective: Collective) -> Dict[str, int]:
     """Rank 0's map is broadcast; every rank compares it with its own and all fail together on a mismatch."""
@@ -159,8 +62,6 @@ def _agreed_rank_map(ranks: Dict[str, int], collective: Collective) -> Dict[str,
     collective.agree(broadcast.tolist(), "rank map hash")
     return {name: int(rank) for name, rank in zip(names, broadcast.tolist())}
 
-
-# --- GeLoRA sample ----------------------------------------------------------------------------------
 
 def _recording_masks(batches, sampler: HiddenStateSampler):
     """Pass batches through, telling the sampler which tokens each one's attention mask keeps."""
@@ -179,8 +80,6 @@ def _gathered_points(local: torch.Tensor, collective: Collective) -> torch.Tenso
     full[:, offset:offset + local.shape[1]] = local
     return collective.all_reduce(full, "GeLoRA hidden-state points")
 
-
-# --- initialisation -------------------------------------------------------------------------------
 
 def _add_projection(part: torch.Tensor, grad_flat: torch.Tensor, shard: FlatShard, a0: torch.Tensor,
                     use_kernel: bool) -> None:
@@ -237,11 +136,13 @@ def _projected_gradients(engine, accumulator, lora_a: Dict[str, torch.Tensor], c
     return projected
 
 
-def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective: Optional[Collective] = None) -> GoRAPlan:
+def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective: Optional[Collective] = None,
+               on_phase: Optional[Callable[[str], None]] = None) -> GoRAPlan:
     """Run GoRA's estimation and initialisation through ``engine``; every rank returns the same plan.
 
     batches: this rank's batches (each rank its own slice of the global batch, equal micro-batch
-    sizes, so the mean over ranks is the global batch's gradient).
+    sizes, so the mean over ranks is the global batch's gradient). on_phase: called with "init" once
+    the gradient steps are done (a caller's instrumentation, e.g. ``memory_trace.phase``).
     """
     collective = collective or Collective()
     names = list(engine.targets)
@@ -274,7 +175,8 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         if sampler is not None:
             sampler.close()
     gradient_seconds = time.perf_counter() - start
-    phase("init")
+    if on_phase is not None:
+        on_phase("init")
 
     notes = []
     for name, value in importance.items():
@@ -338,38 +240,3 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     return GoRAPlan(report=report, lora_a=lora_a, lora_b=lora_b, saved_state=saved_state)
 
 
-# --- applying a plan ------------------------------------------------------------------------------
-
-def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
-    """Wrap every planned layer of ``model`` in a GoRALinear holding the plan's A0 and B0; freeze
-    everything else. Checks every layer before changing anything.
-
-    ``model`` is unwrapped, or still sharded by the estimation: ZeRO-3 partitioned (then
-    ``deepspeed.initialize`` it), or FSDP2 ``fully_shard``-ed (train it as it is: the adapters are
-    replicated on every rank and their gradients averaged at the end of each backward, see
-    ``gora_dist.replicated``).
-
-    On a meta-device model the adapters are created on meta too; fill them after materialising
-    with :func:`copy_plan_into_adapters`.
-    """
-    config = plan.report.config
-    weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
-    adapters = install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout,
-                                modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
-    # an FSDP2 model: the new adapters are replicated, their gradients averaged per backward
-    average_beside_shards(model, [p for m in adapters.values() for p in (m.lora_A, m.lora_B)])
-    return adapters
-
-
-def copy_plan_into_adapters(model: nn.Module, plan: GoRAPlan) -> None:
-    """Write A0/B0 into adapters that were created on meta and then materialised, possibly sharded
-    (FSDP2 DTensors: each rank writes its own shard)."""
-    for name, rank in plan.rank_map.items():
-        if rank == 0:
-            continue
-        adapter = model.get_submodule(name)
-        write_full(adapter.lora_A, plan.lora_a[name])
-        write_full(adapter.lora_B, plan.lora_b[name])
-
-
-__all__ = ["GoRAPlan", "build_plan", "estimate_gradients", "apply_plan", "copy_plan_into_adapters", "GoRADistributedError"]

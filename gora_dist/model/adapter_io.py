@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .initialization import rslora_scaling
-from .layers import GoRALinear, gora_modules, install_adapters, saved_modules
-from .report import GoRAReport
+from gora_dist.method.initialization import rslora_scaling
+from gora_dist.model.layers import GoRALinear, gora_modules, install_adapters
+from gora_dist.model.targets import saved_modules
+from gora_dist.report import GoRAReport
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -238,7 +239,7 @@ def load_plan(path: str):
     """The ``GoRAPlan`` an adapter folder holds (written by ``save_plan`` or by ``save_adapter`` with
     its report): the rank map, the config, and the saved A/B (the initial ones, or trained ones from a
     later checkpoint). With ``apply_plan`` or ``to_peft`` it goes into a model as loaded."""
-    from .plan import GoRAPlan
+    from gora_dist.report import GoRAPlan
 
     gora = _read_json(os.path.join(path, GORA_FILE))
     if "layers" not in gora or "config" not in gora:
