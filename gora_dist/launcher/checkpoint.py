@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from gora_dist.model.adapter_io import _usual_permissions, save_plan
+from gora_dist.model.adapter_io import give_usual_permissions, save_plan
 from gora_dist.report import GoRAPlan
 
 LATEST = "latest"
@@ -54,7 +54,7 @@ def write_checkpoint(output_dir: str, step: int, plan: GoRAPlan, optimizer_state
         _fsync_tree(staging)
         if os.path.exists(final):
             shutil.rmtree(final)
-        _usual_permissions(staging)
+        give_usual_permissions(staging)
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

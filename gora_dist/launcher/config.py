@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from gora_dist.config import GoRAConfig
+from gora_dist.launcher.optimization import SCHEDULES
 from gora_dist.launcher.targets import BERT_TARGETS, LLAMA_TARGETS
 from gora_dist.launcher.tasks.answers import MATCH_MODES
 
@@ -19,7 +20,6 @@ ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
 TASKS = ("causal-lm", "seq-cls", "sft")
 BERT_MODELS = ("minilm", "tiny-bert")
 PRECISIONS = ("auto", "fp32", "bf16")
-SCHEDULES = ("cosine", "linear", "constant")
 TARGET_RULES = ("auto", "all-linear")
 
 DEFAULT_GORA = {

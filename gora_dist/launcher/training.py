@@ -7,7 +7,6 @@ gets the full tensors; the others get {} and hold no copy.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Tuple
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn as nn
 
 from gora_dist.comm.gather import full_copy, gather_partitions
 from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.optimization import make_optimizer, set_schedule_step
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -35,35 +35,11 @@ def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine or linear decay to ``min_lr_ratio`` at the last step (or constant)."""
-    warmup = max(1, int(round(config.warmup_ratio * config.steps))) if config.warmup_ratio > 0 else 0
-    if step < warmup:
-        return (step + 1) / warmup
-    if config.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_schedule == "cosine" else 1 - progress
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
-
-
-def make_optimizer(named: List[Tuple[str, nn.Parameter]], config: TrainConfig):
-    """AdamW with LoRA+ groups (B at lr × loraplus_lr_ratio; A and full modules at lr) and the schedule."""
-    groups = [
-        {"params": [p for n, p in named if ".lora_B" not in n], "lr": config.lr, "name": "lora_A and full"},
-        {"params": [p for n, p in named if ".lora_B" in n], "lr": config.lr * config.loraplus_lr_ratio, "name": "lora_B"},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    return optimizer, scheduler
-
-
-def set_schedule_step(optimizer, scheduler, step: int) -> None:
-    """Put a LambdaLR (and its optimizer's learning rates) where it is after ``step`` optimizer steps."""
-    scheduler.last_epoch = step
-    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * factor(step)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+def optimizer_for(named: List[Tuple[str, nn.Parameter]], config: TrainConfig):
+    """The run's AdamW (LoRA+ groups) and schedule, from its config."""
+    return make_optimizer(named, lr=config.lr, steps=config.steps, loraplus_lr_ratio=config.loraplus_lr_ratio,
+                          weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
+                          schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
 
 
 class TorchTraining:
@@ -74,7 +50,7 @@ class TorchTraining:
         self.model, self.runner, self.device, self.main = model, runner, device, main
         self.synced_generation = synced_generation
         self.named = trainable_parameters(model)
-        self.optimizer, self.scheduler = make_optimizer(self.named, config)
+        self.optimizer, self.scheduler = optimizer_for(self.named, config)
 
     def train_mode(self, training: bool) -> None:
         self.runner.train(training)
@@ -146,7 +122,7 @@ class DeepSpeedTraining:
 
         self.model, self.synced_generation = model, synced_generation
         self.named = trainable_parameters(model)
-        optimizer, scheduler = make_optimizer(self.named, config)
+        optimizer, scheduler = optimizer_for(self.named, config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device

@@ -44,7 +44,7 @@ def _versions() -> Dict[str, Optional[str]]:
     return found
 
 
-def _task_type(model: nn.Module) -> Optional[str]:
+def peft_task_type(model: nn.Module) -> Optional[str]:
     """PEFT's task type from the model class, so ``PeftModel.from_pretrained`` picks the right wrapper."""
     name = type(model).__name__
     if name.endswith("ForCausalLM"):
@@ -65,7 +65,7 @@ def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pa
     """adapter_config.json for PEFT's LoraConfig. Keys of rank_pattern are regexes: escape the names."""
     return {
         "peft_type": "LORA",
-        "task_type": task_type if task_type is not None else _task_type(model),
+        "task_type": task_type if task_type is not None else peft_task_type(model),
         "base_model_name_or_path": _base_model_name(model),
         "r": max(ranks.values()),
         "lora_alpha": alpha,
@@ -83,7 +83,7 @@ def _peft_config(model, *, ranks, alpha, use_rslora, dropout, task_type, rank_pa
     }
 
 
-def _usual_permissions(folder: str) -> None:
+def give_usual_permissions(folder: str) -> None:
     """mkdtemp makes 0700 folders; a folder renamed into place should read like any other (umask)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -110,7 +110,7 @@ def _write_atomically(directory: str, files: Dict[str, object]) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         if not os.path.exists(directory):
-            _usual_permissions(staging)
+            give_usual_permissions(staging)
             os.replace(staging, directory)
             return
         ordered = sorted(files, key=lambda filename: filename == GORA_FILE)

@@ -57,7 +57,7 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
     """
     from peft import get_peft_model
 
-    from gora_dist.model.adapter_io import _task_type
+    from gora_dist.model.adapter_io import peft_task_type
 
     if any(isinstance(module, GoRALinear) for module in model.modules()):
         raise ValueError("the model already has GoRA layers: pass it as loaded (to_peft adds PEFT's own layers)")
@@ -67,7 +67,7 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
     if plan.saved_state and sharding is not None:
         raise ValueError(f"modules_to_save={list(plan.report.config.modules_to_save)} with a {sharding}-sharded model: "
                          "PEFT would copy the sharded module; to_peft supports them on an unsharded model only")
-    config = lora_config(plan, task_type=task_type if task_type is not None else _task_type(model))
+    config = lora_config(plan, task_type=task_type if task_type is not None else peft_task_type(model))
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     inner = peft_model.base_model.model
     lora_params = []
