@@ -1,6 +1,7 @@
 """What the quality benchmarks share beside their methods: the runs file that makes a protocol
-resumable, the learning-rate schedule, rate selection, mean ± std, a paired bootstrap, the environment record and the
-loss-curve plot. Pure functions and one small class; no task in here."""
+resumable, the training step, rate selection, mean ± std, a paired bootstrap, the environment record and the
+loss-curve plot. Pure functions and one small class; no task in here. The optimizer and its schedule are
+the launcher's (gora_dist.launcher.optimization), so a benchmark trains as the launcher does."""
 
 from __future__ import annotations
 
@@ -46,15 +47,6 @@ class RunLog:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         return row
-
-
-def warmup_cosine(step: int, steps: int, warmup_fraction: float, floor: float = 0.0) -> float:
-    """The rate's factor at ``step``: linear warm-up, then cosine decay from 1 to ``floor``."""
-    warmup = max(1, round(warmup_fraction * steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_step(model, batch: dict, params, optimizer, scheduler, autocast=None) -> float:

@@ -41,7 +41,8 @@ from gora_dist.pipeline.batches import global_batch_indices
 from gora_dist.launcher.tasks.classification import load_examples, model_and_encoder
 from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
 from protocol import (RunLog, best_rate, environment, mean_std, plot_mean_curves, rank_table,  # noqa: E402
-                      rate_table, timing_table, train_step, warmup_cosine)
+                      rate_table, timing_table, train_step)
+from gora_dist.launcher.optimization import make_optimizer  # noqa: E402
 
 # every linear layer of the encoder blocks (the pooler is left out: its input has no token axis,
 # which EVA's default input handling needs)
@@ -117,10 +118,10 @@ def run_one(method: str, lr: float, seed: int, base, encoder, train, evaluation,
     started = time.perf_counter()
     model = METHODS[method](model, estimation, seed)
     init_s = time.perf_counter() - started
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, setting.steps, setting.warmup_fraction))
+    params = [p for p in model.parameters() if p.requires_grad]  # the clip's order, as before the shared builder
+    # every group at lr (no LoRA+ ratio), no weight decay, warm-up then cosine to 0
+    optimizer, scheduler = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr,
+                                          steps=setting.steps, warmup_ratio=setting.warmup_fraction)
     early_step = max(1, round(setting.early_fraction * setting.steps))
     losses, early = [], None
     started = time.perf_counter()

@@ -22,21 +22,20 @@ Training runs under bf16 autocast (float32 master weights, float32 initialisatio
 Runs are appended to <out>/<tag>_runs.jsonl as they finish; --resume skips the ones already there, so
 the protocol can be split over sittings (--phases tune, final, regime) and over processes (--methods,
 --final-seeds; each process reads the runs file once, at its start, so give them disjoint runs).
+The tables, claims and plots are quality_sft_report.py's; the Setting is quality_sft_setting.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,50 +48,11 @@ from gora_dist.launcher.models import load_model  # noqa: E402
 from gora_dist.launcher.tasks.sft import SFTTask  # noqa: E402
 from gora_dist.launcher.tokenizer import load_tokenizer  # noqa: E402
 from gora_dist.launcher.training import greedy_generate  # noqa: E402
-from adapter_methods import MethodSetting, adapter_ranks, methods, trainable_parameters  # noqa: E402
-from protocol import (RunLog, best_rate, environment, mean_std, paired_bootstrap, plot_mean_curves,  # noqa: E402
-                      rank_table, rate_table, timing_table, train_step, warmup_cosine)  # noqa: E402
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHOD_SETTING = MethodSetting(targets=TARGETS, task_type="CAUSAL_LM", rank=8, alpha=16.0, gamma=5e-2)
-METHODS = methods(METHOD_SETTING)
-REGIME_GAMMAS = (0.0, 1e-2, 5e-2, 8e-2, 0.2)
-
-
-@dataclass
-class Setting:
-    """What one invocation runs. Defaults are the full protocol."""
-
-    model: str = "smollm2"
-    train_examples: int = 0  # 0: all 1,845
-    val_examples: int = 200
-    test_examples: int = 400
-    max_length: int = 128
-    skip_long: bool = False  # the tiny Llama's byte tokens: leave the longest problems out
-    max_new_tokens: int = 8
-    batch_size: int = 8
-    steps: int = 150
-    early_fraction: float = 0.25
-    warmup_fraction: float = 0.03
-    min_lr_ratio: float = 0.1
-    grad_steps: int = 8
-    probe_steps: Sequence[int] = (0, 1, 2, 5, 10, 20, 40, 75)
-    probe_examples: int = 128
-    lr_grid: Sequence[float] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)  # the walk stops at an edge: the table marks it
-    lr_start: float = 3e-4
-    seeds: Sequence[int] = (0, 1, 2)
-    methods: Sequence[str] = field(default_factory=lambda: list(METHODS))
-    regime_rates: Sequence[float] = (5e-5, 2e-4)
-    regime_gammas: Sequence[float] = REGIME_GAMMAS
-    loraplus_ratio: float = 16.0
-    regime_weight_decay: float = 5e-4
-    precision: str = "bf16"
-
-
-QUICK = dict(model="tiny-llama", max_length=256, skip_long=True, train_examples=64, val_examples=16, test_examples=16, max_new_tokens=4, steps=4,
-             grad_steps=2, probe_steps=(0, 1), probe_examples=8, lr_grid=(1e-3, 3e-3), lr_start=1e-3, seeds=(0,),
-             regime_rates=(1e-3,), regime_gammas=(0.0, 5e-2))
-TIMING = dict(steps=20, probe_steps=(), test_examples=8, lr_grid=(3e-4,), lr_start=3e-4, seeds=(0,))
+from adapter_methods import adapter_ranks, methods, trainable_parameters  # noqa: E402
+from protocol import RunLog, best_rate, environment, train_step  # noqa: E402
+from quality_sft_report import write_results, write_timing  # noqa: E402
+from quality_sft_setting import METHOD_SETTING, METHODS, QUICK, TIMING, Setting  # noqa: E402
+from gora_dist.launcher.optimization import make_optimizer  # noqa: E402
 
 
 # ── one run ──
@@ -155,17 +115,6 @@ def prepare_for(spec: RunSpec):
     return methods(replace(METHOD_SETTING, gamma=spec.gamma), [spec.method])[spec.method]
 
 
-def param_groups(model: nn.Module, lr: float, loraplus_ratio: float, weight_decay: float) -> List[dict]:
-    """AdamW groups: every B (PEFT's and GoRA's are both named lora_B) at lr × loraplus_ratio (LoRA+)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    b = [p for n, p in trainable if "lora_B" in n]
-    rest = [p for n, p in trainable if "lora_B" not in n]
-    groups = [dict(params=rest, lr=lr, weight_decay=weight_decay)]
-    if b:
-        groups.append(dict(params=b, lr=lr * loraplus_ratio, weight_decay=weight_decay))
-    return groups
-
-
 def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, evaluation: Sequence,
             setting: Setting, generate: bool) -> dict:
     """Prepare, train and score one run. The probes (test NLL of a subset over the steps) run in the
@@ -179,11 +128,11 @@ def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, eval
     started = time.perf_counter()
     model = prepare_for(spec)(model, estimation, spec.seed, held_batch=held)
     init_s = time.perf_counter() - started
-    groups = param_groups(model, spec.lr, spec.loraplus_ratio, spec.weight_decay)
-    params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, setting.steps, setting.warmup_fraction, setting.min_lr_ratio))
+    optimizer, scheduler = make_optimizer(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=spec.lr, steps=setting.steps,
+        loraplus_lr_ratio=spec.loraplus_ratio, weight_decay=spec.weight_decay,
+        warmup_ratio=setting.warmup_fraction, min_lr_ratio=setting.min_lr_ratio)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the clip's order: A's, then B's
     evaluator = Evaluator(model, setting.precision)
     probe_set = evaluation[:setting.probe_examples]
     probed = spec.phase == "regime" or (spec.phase == "final" and spec.seed == setting.seeds[0])
@@ -218,23 +167,6 @@ def run_one(spec: RunSpec, base: nn.Module, task: SFTTask, train: Sequence, eval
 
 # ── the protocol ──
 
-def kind_of(layer: str) -> str:
-    kind = layer.rsplit(".", 1)[-1]
-    if kind not in TARGETS:
-        raise ValueError(f"{layer}: not one of the adapted projections {TARGETS}")
-    return kind
-
-
-def mean_rank_by_kind(runs: Sequence[dict]) -> Dict[str, float]:
-    """Each adapted projection's rank, averaged over layers and runs (the kinds present only)."""
-    kinds = {}
-    for kind in TARGETS:
-        values = [rank for r in runs for layer, rank in r["ranks"].items() if kind_of(layer) == kind]
-        if values:
-            kinds[kind] = statistics.fmean(values)
-    return kinds
-
-
 def nll_score(row: dict) -> float:
     """Higher is better: minus the final response NLL (NaN when the run diverged)."""
     return float("nan") if row["diverged"] else -row["final"]["nll"]
@@ -253,227 +185,6 @@ def tuned_rate(method: str, run, setting: Setting) -> float:
         while j > 0 and better(score(j - 1), score(j)):
             j -= 1
     return grid[j]
-
-
-def _stat(runs: List[dict], moment: str, metric: str) -> tuple:
-    return mean_std([(r[moment] or {}).get(metric) for r in runs])
-
-
-def summarise(tuning: List[dict], final: List[dict], regime: List[dict], rates: Dict[str, float],
-              setting: Setting) -> dict:
-    reference = next((r["adapter_params"] for r in final if r["method"] == "LoRA"), None)
-    rows = []
-    for method in setting.methods:
-        runs = [r for r in final if r["method"] == method]
-        if not runs:
-            continue
-        probed = next((r for r in runs if r["seed"] == setting.seeds[0]), None)  # the run with the probes
-        kinds = mean_rank_by_kind(runs)
-        row = dict(method=method, lr=rates.get(method), seeds=len(runs), adapter_params=runs[0]["adapter_params"],
-                   diverged=sum(r["diverged"] for r in runs), mean_rank_by_kind=kinds,
-                   init_s=statistics.fmean(r["init_s"] for r in runs),
-                   val_nll_by_lr={r["lr"]: r["final"]["nll"] for r in tuning if r["method"] == method},
-                   gamma_used=[r["gamma_used"] for r in runs],
-                   probes=probed["probes"] if probed else {},
-                   probed_exact_match=probed["final"].get("exact_match") if probed else None)
-        row["budget_ratio"] = row["adapter_params"] / reference if reference else None
-        for moment in ("early", "final"):
-            for metric in ("exact_match", "nll"):
-                row[f"{moment}_{metric}_mean"], row[f"{moment}_{metric}_std"] = _stat(runs, moment, metric)
-        rows.append(row)
-    regime_rows = [dict(method=r["method"], gamma=r["gamma"], lr=r["lr"], probes=r["probes"],
-                        final_nll=r["final"]["nll"], final_exact_match=r["final"].get("exact_match"),
-                        diverged=r["diverged"]) for r in regime]
-    return dict(rows=rows, best_rates=rates, regime=regime_rows, claims=claims(rows, regime, setting, final))
-
-
-def _row(rows: List[dict], method: str) -> Optional[dict]:
-    return next((row for row in rows if row["method"] == method), None)
-
-
-def paired_interval(first: List[dict], second: List[dict], metric: str) -> Optional[dict]:
-    """The paired bootstrap over the test problems of two methods' final runs (every seed of each),
-    or None when a run lacks its per-problem figures (diverged, or recorded before they were kept)."""
-    each = [r["final"].get("by_example") for r in first + second]
-    if not first or not second or any(e is None for e in each):
-        return None
-    if metric == "exact_match":
-        return paired_bootstrap([e["match"] for e in each[:len(first)]], [e["match"] for e in each[len(first):]])
-    return paired_bootstrap([e["nll"] for e in each[:len(first)]], [e["nll"] for e in each[len(first):]],
-                            denominators=each[0]["tokens"])
-
-
-def claims(rows: List[dict], regime: Sequence[dict], setting: Setting, final: Sequence[dict] = ()) -> List[dict]:
-    """The paper's claims, each with the figures that decide it here (None where a run is missing):
-    the means, whether the gap exceeds the seeds' std, and the paired 95 % interval over the test
-    problems (the noise of a 400-problem test set, which the seeds' std does not see)."""
-    found = []
-
-    def compare(name: str, first: str, second: str, metric: str, higher_better: bool) -> None:
-        """Does ``first`` beat ``second`` (strictly when the claim says ">"), and by more than the noise?"""
-        a, b = _row(rows, first), _row(rows, second)
-        if a is None or b is None:
-            return
-        mean_a, mean_b = a[f"final_{metric}_mean"], b[f"final_{metric}_mean"]
-        spread = max(a[f"final_{metric}_std"], b[f"final_{metric}_std"])
-        margin = (mean_a - mean_b) if higher_better else (mean_b - mean_a)
-        holds = margin > 0 if ">" in name and "≥" not in name else margin >= 0
-        seeded = min(a["seeds"], b["seeds"]) > 1
-        interval = paired_interval([r for r in final if r["method"] == first],
-                                   [r for r in final if r["method"] == second], metric)
-        clear = None if interval is None else bool(interval["low"] > 0 if higher_better else interval["high"] < 0)
-        found.append(dict(claim=name, metric=metric, first=first, second=second, first_mean=mean_a, second_mean=mean_b,
-                          larger_std=spread, holds=bool(holds), beyond_noise=bool(margin > spread) if seeded else None,
-                          interval=interval, beyond_problems_noise=clear))
-
-    for metric, higher in (("exact_match", True), ("nll", False)):
-        compare("GoRA ≥ LoRA-GA", "GoRA", "LoRA-GA", metric, higher)
-        compare("LoRA-GA > LoRA", "LoRA-GA", "LoRA", metric, higher)
-        compare("GoRA ≥ LoRA", "GoRA", "LoRA", metric, higher)
-        compare("γ = 5e-2 > γ = 0", "GoRA", "GoRA γ=0", metric, higher)
-        # Not the paper's claims but their controls: rsLoRA has GoRA's α/√r scaling at a uniform r = 8,
-        # and the fixed-rank GoRA keeps its init without the allocation; what each gap is left to credit.
-        compare("GoRA ≥ rsLoRA (control: the same α/√r scaling)", "GoRA", "rsLoRA", metric, higher)
-        compare("GoRA ≥ GoRA fixed ranks (control: the allocation)", "GoRA", "GoRA fixed ranks", metric, higher)
-        # The official code's adaptive γ against the paper's fixed 5e-2, and against rsLoRA's zero start
-        # at the same scaling: does a larger, searched initial update outlast training where 5e-2's does not?
-        compare("GoRA γ search ≥ GoRA (the searched γ against 5e-2)", "GoRA γ search", "GoRA", metric, higher)
-        compare("GoRA γ search ≥ rsLoRA (the searched γ against a zero start)", "GoRA γ search", "rsLoRA", metric,
-                higher)
-    gora = _row(rows, "GoRA")
-    # Before GoRA's final runs, the regime's: the same training split and seed-0 gradient batches, so
-    # the same allocation as GoRA's seed-0 final run (neither γ nor the rate enters the allocation).
-    kinds, source = (gora["mean_rank_by_kind"], "") if gora and gora["mean_rank_by_kind"] else (
-        mean_rank_by_kind([r for r in regime if r["method"] == "GoRA"]), " (the regime's seed-0 allocation)")
-    if all(k in kinds for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        vo, qk = (kinds["v_proj"] + kinds["o_proj"]) / 2, (kinds["q_proj"] + kinds["k_proj"]) / 2
-        found.append(dict(claim="v/o get more rank than q/k" + source, metric="mean rank", first="v, o",
-                          second="q, k", first_mean=vo, second_mean=qk, larger_std=0.0, holds=bool(vo > qk),
-                          beyond_noise=None))
-    for lr in setting.regime_rates:  # one seed each: the interval is the test problems' noise alone
-        by_gamma = {r["gamma"]: r for r in regime if r["method"] == "GoRA" and r["lr"] == lr and not r["diverged"]}
-        if 0.0 in by_gamma and 5e-2 in by_gamma:
-            high, zero = by_gamma[5e-2], by_gamma[0.0]
-            interval = paired_interval([high], [zero], "nll")
-            found.append(dict(claim=f"γ = 5e-2 > γ = 0 (paper's regime, lr {lr:g})", metric="nll",
-                              first="γ=5e-2", second="γ=0", first_mean=high["final"]["nll"],
-                              second_mean=zero["final"]["nll"], larger_std=None,
-                              holds=bool(high["final"]["nll"] < zero["final"]["nll"]), beyond_noise=None,
-                              interval=interval, beyond_problems_noise=None if interval is None else interval["high"] < 0))
-    return found
-
-
-def markdown(summary: dict, setting: Setting, env: dict, command: str) -> str:
-    pct = lambda m, s: "—" if not math.isfinite(m) else f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
-    num = lambda m, s: "—" if not math.isfinite(m) else f"{m:.3f} ± {s:.3f}"  # noqa: E731
-    lines = [
-        f"# Quality at equal budget, generative: {setting.model} + ASDiv (CPU)", "",
-        f"Command: `{command}`. {env['machine']}; torch {env['torch']}, transformers {env['transformers']}, "
-        f"peft {env['peft']}; commit {env['commit']}; {env['date']}.", "",
-        f"Setting: ASDiv's fixed split ({setting.val_examples} training problems held out for tuning; "
-        f"test {setting.test_examples} problems); {setting.steps} steps of {setting.batch_size}, AdamW, "
-        f"{100 * setting.warmup_fraction:g} % warm-up then cosine to {setting.min_lr_ratio:g}×, clip 1.0, bf16 "
-        f"autocast; early = after {100 * setting.early_fraction:.0f} % of the steps. Exact match: greedy "
-        f"answer of at most {setting.max_new_tokens} tokens, first number compared. NLL: mean per answer token. "
-        f"LoRA family: r = {METHOD_SETTING.rank}, α = {METHOD_SETTING.alpha:g}; GoRA: ranks in "
-        f"[{METHOD_SETTING.rank_min}, {METHOD_SETTING.rank_max}] at LoRA's budget, γ = {METHOD_SETTING.gamma:g}, "
-        f"{setting.grad_steps} gradient batches (LoRA-GA and EVA use the same batches). Rates: walk of "
-        f"{', '.join(f'{lr:g}' for lr in setting.lr_grid)} from {setting.lr_start:g} by validation NLL; seeds "
-        f"{', '.join(map(str, setting.seeds))}.", "",
-        "| method | tuned lr | exact match early (%) | exact match final (%) | NLL early | NLL final | adapter params | vs LoRA |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in summary["rows"]:
-        ratio = "—" if row["budget_ratio"] is None else f"{row['budget_ratio']:.3f}"
-        edge = " (grid edge)" if row["lr"] in (min(setting.lr_grid), max(setting.lr_grid)) else ""
-        lines.append(
-            f"| {row['method']} | {row['lr']:g}{edge} | {pct(row['early_exact_match_mean'], row['early_exact_match_std'])} | "
-            f"{pct(row['final_exact_match_mean'], row['final_exact_match_std'])} | "
-            f"{num(row['early_nll_mean'], row['early_nll_std'])} | {num(row['final_nll_mean'], row['final_nll_std'])} | "
-            f"{row['adapter_params']:,} | {ratio} |")
-    lines += ["", "Validation NLL by learning rate (seed 0; the rates the walk tried):", ""]
-    lines += rate_table(summary["rows"], setting.lr_grid, "val_nll_by_lr",
-                        lambda value: "diverged" if not math.isfinite(value) else f"{value:.3f}")
-    lines += ["", "Mean rank by projection (over layers and seeds):", ""] + rank_table(summary["rows"], TARGETS)
-    probed = [row for row in summary["rows"] if row["probes"]]
-    if probed:
-        lines += ["", f"Test NLL on the first {setting.probe_examples} test problems after each number of steps, "
-                  f"seed {setting.seeds[0]} at each method's tuned rate (how long an initialisation's head start lasts):",
-                  ""] + probe_table([(row["method"], row["lr"], row["probes"], row["probed_exact_match"])
-                                     for row in probed])
-    if summary["regime"]:
-        lines += ["", f"The paper's regime: LoRA+ (B's rate ×{setting.loraplus_ratio:g}), weight decay "
-                  f"{setting.regime_weight_decay:g}, seed {setting.seeds[0]}; test NLL on the first "
-                  f"{setting.probe_examples} test problems after each number of steps, and the whole test set's "
-                  "exact match at the end:", ""]
-        ordered = sorted(summary["regime"], key=lambda r: (r["lr"], r["method"] != "LoRA", r["gamma"] or 0.0))
-        lines += probe_table([(r["method"] if r["gamma"] is None else f"{r['method']} γ={r['gamma']:g}", r["lr"],
-                               r["probes"], r["final_exact_match"]) for r in ordered], rate_name="base lr")
-    lines += ["", "The paper's claims, here (interval: first − second, paired bootstrap over the test problems "
-              "of the seed-mean per problem, 95 %; exact match in points):", "",
-              "| claim | metric | figures | holds | beyond the seeds' std | interval | interval excludes 0, in the claim's favour |",
-              "|---|---|---|---|---|---|---|"]
-    yes_no = lambda flag: "—" if flag is None else ("yes" if flag else "no")  # noqa: E731
-    for c in summary["claims"]:
-        interval = c.get("interval")
-        scale = 100 if c["metric"] == "exact_match" else 1
-        span = "—" if interval is None else f"{scale * interval['gap']:+.3g} [{scale * interval['low']:+.3g}, {scale * interval['high']:+.3g}]"
-        lines.append(f"| {c['claim']} | {c['metric']} | {c['first']} {c['first_mean']:.4g} vs {c['second']} "
-                     f"{c['second_mean']:.4g} | {yes_no(c['holds'])} | {yes_no(c['beyond_noise'])} | {span} | "
-                     f"{yes_no(c.get('beyond_problems_noise'))} |")
-    lines += ["", "Wall times (init_s, train_s per run) are in the JSON; when runs share the machine they are not "
-              "comparable: `--timing` measures them alone."]
-    return "\n".join(lines) + "\n"
-
-
-def probe_table(entries: List[tuple], rate_name: str = "lr") -> List[str]:
-    """Rows of (name, lr, probes by step, final exact match or None) as a markdown table."""
-    steps = sorted({int(k) for _, _, probes, _ in entries for k in probes})
-    lines = [f"| method | {rate_name} | " + " | ".join(f"step {s}" for s in steps) + " | exact match (%) |",
-             "|---|---|" + "---|" * len(steps) + "---|"]
-    for name, lr, probes, em in entries:
-        known = em is not None and math.isfinite(em)
-        lines.append(f"| {name} | {lr:g} | " + " | ".join(
-            f"{probes[str(s)]:.3f}" if str(s) in probes else "—" for s in steps) + " | "
-            + (f"{100 * em:.2f}" if known else "—") + " |")
-    return lines
-
-
-def timing_markdown(final: List[dict], setting: Setting, env: dict, full_steps: int) -> str:
-    lines = [
-        f"# Init and training wall time per method: {setting.model} + ASDiv SFT (CPU)", "",
-        f"Command: `python benchmarks/quality_sft.py --timing`, nothing else running. {env['machine']}, "
-        f"{env['threads']} torch threads; torch {env['torch']}, peft {env['peft']}; commit {env['commit']}; "
-        f"{env['date']}. {setting.steps} steps of {setting.batch_size} per method under bf16 autocast, seed 0; "
-        f"init in float32 on {setting.grad_steps} batches (GoRA, LoRA-GA: gradient steps; EVA: forward passes "
-        "until its SVDs converge, cycling the batches; GoRA γ search: one more batch, 52 candidate γ).", "",
-    ] + timing_table(final, full_steps)
-    return "\n".join(lines) + "\n"
-
-
-def plot_regime(regime: List[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rates = sorted({r["lr"] for r in regime})
-    figure, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False)
-    for axis, lr in zip(axes[0], rates):
-        for r in sorted((r for r in regime if r["lr"] == lr), key=lambda r: (r["method"], r["gamma"] or 0.0)):
-            steps = sorted(int(k) for k in r["probes"])
-            name = r["method"] if r["gamma"] is None else f"{r['method']} γ={r['gamma']:g}"
-            axis.plot([s + 1 for s in steps], [r["probes"][str(s)] for s in steps],
-                      "--" if r["method"] == "LoRA" else "-", marker="o", markersize=3, label=name)
-        axis.set_xscale("log")
-        axis.set_xlabel("optimizer steps + 1")
-        axis.set_ylabel("test answer NLL (probe set)")
-        axis.set_title(f"LoRA+ regime, base lr {lr:g}")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def load_data(setting: Setting):
@@ -571,10 +282,7 @@ def main(argv=None) -> int:
                  for m in setting.methods for seed in final_seeds]
     env = environment()
     if args.timing:
-        text = timing_markdown(final, setting, env, Setting().steps)
-        with open(os.path.join(out, f"{tag}.md"), "w") as handle:
-            handle.write(text)
-        print(text)
+        print(write_timing(out, tag, final, setting, env))
         return 0
     regime = []
     if "regime" in phases:
@@ -586,20 +294,8 @@ def main(argv=None) -> int:
                        for gamma in setting.regime_gammas]
     final = final or [r for r in log.rows if r["phase"] == "final"]
     regime = regime or [r for r in log.rows if r["phase"] == "regime"]
-    summary = summarise(tuning_runs, final, regime, rates, setting)
     command = "python benchmarks/quality_sft.py" + (" --quick" if args.quick else " --resume")
-    with open(os.path.join(out, f"{tag}.json"), "w") as handle:
-        json.dump(dict(environment=env, setting=asdict(setting), command=command, **summary), handle, indent=1)
-    text = markdown(summary, setting, env, command)
-    with open(os.path.join(out, f"{tag}.md"), "w") as handle:
-        handle.write(text)
-    if final:
-        plot_mean_curves({m: [r["losses"] for r in final if r["method"] == m and not r["diverged"]]
-                          for m in setting.methods}, os.path.join(out, f"{tag}_loss.png"),
-                         title=f"{setting.model} + ASDiv at each method's tuned learning rate", ylabel="training loss")
-    if regime:
-        plot_regime(regime, os.path.join(out, f"{tag}_regime.png"))
-    print(text)
+    print(write_results(out, tag, tuning_runs, final, regime, rates, setting, env, command))
     return 0
 
 

@@ -59,7 +59,7 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
     summary = json.loads((tmp_path / "quality_sft_quick.json").read_text())
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from quality_sft import METHODS, REGIME_GAMMAS
+        from quality_sft_setting import METHODS, REGIME_GAMMAS
     finally:
         sys.path.pop(0)
     rows = {row["method"]: row for row in summary["rows"]}
@@ -106,7 +106,8 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
 def test_sft_rank_claim_reads_gora_final_runs_else_the_regimes_allocation():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from quality_sft import Setting, claims
+        from quality_sft_report import claims
+        from quality_sft_setting import Setting
     finally:
         sys.path.pop(0)
 
