@@ -284,7 +284,7 @@ def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
     one rank under torchrun): its plan against one process's, the losses, what stayed unchanged."""
     import torch
 
-    from gora_dist.launcher.runner import free_port
+    from gora_dist.launcher.processes import free_port
 
     folder = tempfile.mkdtemp(prefix="gora-suite-trainer-")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)  # gora_dist from the checkout
 
 from provenance import git_commit, git_dirty, package_versions  # noqa: E402
 
-from gora_dist.launcher.runner import free_port  # noqa: E402
+from gora_dist.launcher.processes import free_port  # noqa: E402
 
 PHASES = ("load", "gradient steps", "init", "training setup", "evaluation", "training", "checkpoint", "final adapter")
 GIB = 2**30

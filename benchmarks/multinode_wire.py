@@ -47,7 +47,7 @@ OUT = os.path.join(ROOT, "benchmarks", "results")
 
 def model_sizes() -> dict:
     """Parameter counts of the launcher's tiny-llama: all, outside the blocks (FSDP2's root), targets."""
-    from gora_dist.launcher.config import LLAMA_TARGETS
+    from gora_dist.launcher.targets import LLAMA_TARGETS
     from gora_dist.launcher.models import load_model
 
     model = load_model("tiny-llama")

@@ -92,7 +92,7 @@ def test_file_then_overrides(tmp_path):
     path.write_text("steps: 7\nlr: 0.01\ngora:\n  rank_max: 12\n  target_modules: [q_proj, v_proj]\n")
     config = load_config([str(path), "--steps", "9", "--gora.gamma", "0.08", "--init-only"])
     assert (config.steps, config.lr, config.init_only) == (9, 0.01, True)
-    gora = config.gora_config()
+    gora = config.gora
     assert (gora.rank_max, gora.gamma, gora.target_modules) == (12, 0.08, ("q_proj", "v_proj"))
     (tmp_path / "bad.json").write_text(json.dumps({"gora": {"rankmax": 3}}))
     with pytest.raises(ValueError, match="did you mean 'gora.rank_max'"):

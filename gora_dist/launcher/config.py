@@ -8,12 +8,11 @@ import dataclasses
 import difflib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from gora_dist.config import GoRAConfig
 from gora_dist.launcher.optimization import SCHEDULES
-from gora_dist.launcher.targets import BERT_TARGETS, LLAMA_TARGETS
 from gora_dist.launcher.tasks.answers import MATCH_MODES
 
 ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
@@ -26,6 +25,7 @@ DEFAULT_GORA = {
     "target_modules": "auto",  # the model family's linear layers (launcher/targets.py), or all-linear
     "rank_ref": 8, "rank_min": 4, "rank_max": 32, "alpha": 16.0, "gamma": 5e-2, "grad_steps": 8,
 }
+"""The launcher's GoRA options before the user's; ``seed`` is the run's unless ``gora.seed`` is given."""
 
 
 @dataclass(kw_only=True)
@@ -126,8 +126,10 @@ class TrainConfig:
     ds_config: Optional[str] = None
     """A DeepSpeed JSON config to start from (zero engines); ours sets stage, batch sizes, precision."""
 
-    gora: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GORA))
-    """GoRAConfig fields (``--gora.rank_max 64``)."""
+    gora: Optional[GoRAConfig] = None
+    """GoRA's options as asked (``--gora.rank_max 64``); None: DEFAULT_GORA with the run's seed.
+    target_modules may stay ``auto`` / ``all-linear`` and grad_steps counts global batches: the run
+    resolves both once the model is loaded (launcher/planning.py), and never writes them back here."""
 
     def __post_init__(self) -> None:
         for option, value, choices in (("engine", self.engine, ENGINES), ("precision", self.precision, PRECISIONS),
@@ -146,7 +148,11 @@ class TrainConfig:
                 raise ValueError(f"{option}={getattr(self, option)}: must be >= 1")
         if self.lr <= 0 or self.loraplus_lr_ratio <= 0:
             raise ValueError(f"lr={self.lr}, loraplus_lr_ratio={self.loraplus_lr_ratio}: both must be > 0")
-        self.gora_config()  # validates the GoRA options now, with their own messages
+        if self.gora is None:
+            self.gora = GoRAConfig.from_dict({**DEFAULT_GORA, "seed": self.seed})
+        if self.task == "seq-cls" and not self.gora.modules_to_save:  # the new head trains in full
+            head = ["classifier"] if self.model in BERT_MODELS else ["score"]
+            self.gora = dataclasses.replace(self.gora, modules_to_save=head)
 
         if self.engine == "zero2" and (self.checkpoint_every or self.resume):
             raise ValueError(
@@ -157,17 +163,6 @@ class TrainConfig:
             raise ValueError(f"model={self.model!r} is an encoder: use --task seq-cls")
         if self.task != "sft" and self.data == "asdiv":
             raise ValueError("data=asdiv is instruction data: use --task sft")
-
-    def gora_config(self) -> GoRAConfig:
-        """GoRA's options. target_modules ``auto`` / ``all-linear`` are resolved against the model by
-        the run (launcher/targets.py), which writes the list back here; until then a family guess
-        stands in, so the options can be checked before any model is loaded."""
-        values = {**DEFAULT_GORA, **self.gora, "seed": self.gora.get("seed", self.seed)}
-        if values["target_modules"] in TARGET_RULES:
-            values["target_modules"] = BERT_TARGETS if self.model in BERT_MODELS else LLAMA_TARGETS
-        if self.task == "seq-cls" and not values.get("modules_to_save"):
-            values["modules_to_save"] = ["classifier"] if self.model in BERT_MODELS else ["score"]
-        return GoRAConfig.from_dict(values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -213,7 +208,8 @@ def _read_file(path: str) -> dict:
 
 
 def load_config(argv: List[str]) -> TrainConfig:
-    """``[config.yaml|json] [--key value | --flag]...`` -> TrainConfig. Flags without a value are true."""
+    """``[config.yaml|json] [--key value | --flag]...`` -> TrainConfig. Flags without a value are true;
+    GoRA's options become a GoRAConfig here, checked with its own messages."""
     values: Dict[str, Any] = {}
     gora: Dict[str, Any] = dict(DEFAULT_GORA)
     arguments = list(argv)
@@ -256,7 +252,7 @@ def load_config(argv: List[str]) -> TrainConfig:
                 gora[field_name] = _parse_value(text, gora.get(field_name, getattr(GoRAConfig(), field_name)))
         else:
             values[key] = _parse_value(text, getattr(defaults, key))
-    return TrainConfig(**values, gora=gora)
+    return TrainConfig(**values, gora=GoRAConfig.from_dict({"seed": values.get("seed", defaults.seed), **gora}))
 
 
 def _check_key(key: str) -> None:

@@ -1,4 +1,5 @@
-"""Models the launcher can fine-tune, all loaded from local files (no model hub)."""
+"""Building one model the launcher can fine-tune (whole, from its config alone, or on the meta device),
+and activation checkpointing; where it comes from: launcher/model_sources.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from gora_dist.launcher.tokenizer import TINY_MODELS, ByteTokenizer, model_source
+from gora_dist.launcher.model_sources import TINY_MODELS, model_source
+from gora_dist.launcher.tokenizer import ByteTokenizer
 
 
 def _tiny_model(spec: str, head: dict, max_length: int) -> nn.Module:

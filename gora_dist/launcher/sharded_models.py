@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gora_dist.launcher.models import load_model, model_from_config, model_skeleton
-from gora_dist.launcher.tokenizer import TINY_MODELS, model_source
+from gora_dist.launcher.model_sources import TINY_MODELS, model_source
 
 
 def keep_zero3_loading(ds_config: dict):

@@ -1,4 +1,5 @@
-"""Training the adapters under each engine, behind one small interface used by the launcher:
+"""Training the adapters under each engine: :func:`trainer_for` puts the plan into the model and wraps
+it for the run's engine, behind one small interface the training loop uses:
 ``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``, ``generate(inputs)``,
 ``full_trainable()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
 The "full_*" methods are collectives: every rank calls them, and only rank 0 (which writes the files)
@@ -7,7 +8,8 @@ gets the full tensors; the others get {} and hold no copy.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,6 +17,10 @@ import torch.nn as nn
 from gora_dist.comm.gather import full_copy, gather_partitions
 from gora_dist.launcher.config import TrainConfig
 from gora_dist.launcher.optimization import make_optimizer, set_schedule_step
+from gora_dist.launcher.planning import Start
+from gora_dist.launcher.processes import Setup, deepspeed_config
+from gora_dist.memory_trace import phase
+from gora_dist.pipeline.apply import apply_plan
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -192,3 +198,38 @@ class DeepSpeedTraining:
 
     def close(self) -> None:
         self.engine.destroy()  # without it DeepSpeed sometimes aborts at interpreter shutdown
+
+
+@contextlib.contextmanager
+def trainer_for(model: nn.Module, start: Start, config: TrainConfig,
+                setup: Setup) -> Iterator[Union[TorchTraining, DeepSpeedTraining]]:
+    """The plan's adapters put into the model as loaded (still sharded by FSDP2 or partitioned by
+    ZeRO-3 after estimation), wrapped for training by the engine, at ``start``'s step; closed at the end."""
+    phase("training setup")
+    apply_plan(model, start.plan)
+    trainer = _wrap(model, config, setup)
+    try:
+        if start.optimizer_state is not None:
+            trainer.load_optimizer_state(start.optimizer_state, start.step)
+        yield trainer
+    finally:
+        trainer.close()
+
+
+def _wrap(model: nn.Module, config: TrainConfig, setup: Setup) -> Union[TorchTraining, DeepSpeedTraining]:
+    if setup.engine == "fsdp2":  # already sharded; the adapters are replicated (see gora_dist.comm.replicated)
+        return TorchTraining(model, model, config, setup.device, synced_generation=setup.world > 1, main=setup.main)
+    if setup.engine in ("zero3", "zero2"):
+        stage = 3 if setup.engine == "zero3" else 2
+        ds_config = deepspeed_config(config, setup, stage)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # DeepSpeed allocates its gradient bucket at reduce_bucket_size (default 5e8 elements, 2 GB in
+        # float32) however few parameters train; the adapters need at most their own size
+        ds_config["zero_optimization"].setdefault("reduce_bucket_size", max(1, min(int(5e8), trainable)))
+        return DeepSpeedTraining(model, config, ds_config, synced_generation=stage == 3 and setup.world > 1)
+    if setup.engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[setup.device] if setup.device.type == "cuda" else None)
+        return TorchTraining(model, runner, config, setup.device, main=setup.main)
+    return TorchTraining(model, model, config, setup.device)

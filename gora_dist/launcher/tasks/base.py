@@ -1,4 +1,5 @@
-"""What the launcher's run needs of a task, and the evaluation plumbing every task shares.
+"""What the launcher's run needs of a task, and the plumbing every task shares: this rank's training
+micro-batches, its evaluation chunks, sums over ranks.
 
 A task holds its training and held-out examples and knows two things: how to turn examples into a
 batch of model inputs (``batch``), and how to score the model on the held-out examples
@@ -13,6 +14,8 @@ from typing import Callable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from gora_dist.pipeline.batches import rank_micro_batches
 
 
 class Task(Protocol):
@@ -68,3 +71,16 @@ def gather_samples(samples: List[dict], setup) -> List[dict]:
         dist.all_gather_object(gathered, samples)
         samples = [sample for part in gathered for sample in part]
     return sorted(samples, key=lambda sample: sample["index"]) if setup.rank == 0 else []
+
+
+def rank_batches(task: Task, global_indices: Sequence[int], setup) -> List[dict]:
+    """This rank's micro-batches of one global batch of ``task.train`` (``pipeline.batches``' split),
+    each knowing the global batch it belongs to."""
+    whole = [task.train[i] for i in global_indices]
+    share = len(global_indices) // setup.micro  # ranks x micro-batches per rank
+    return [task.batch([task.train[i] for i in indices], global_batch=whole, share=share)
+            for indices in rank_micro_batches(global_indices, setup.rank, setup.world, setup.micro)]
+
+
+def scores_text(scores: dict) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())

@@ -1,0 +1,104 @@
+"""The training loop: the held-out scores before (base model and GoRA's init, on a fresh start),
+``steps`` optimizer steps on the run's global batches with evaluations and checkpoints on the way,
+and the scores after."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from gora_dist.launcher.checkpoint import write_checkpoint
+from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.planning import Start
+from gora_dist.launcher.processes import Setup
+from gora_dist.launcher.tasks import Task
+from gora_dist.launcher.tasks.base import all_sum, rank_batches, scores_text
+from gora_dist.memory_trace import phase
+from gora_dist.model.devices import to_device
+from gora_dist.model.layers import adapters_disabled
+from gora_dist.pipeline.batches import global_batch_indices
+from gora_dist.report import GoRAPlan
+
+
+@dataclasses.dataclass
+class Trained:
+    """What the loop leaves for the final adapter: metrics (``<metric>_base`` / ``_before`` / ``_after``
+    and the losses, in that order), the shown held-out samples per stage, the scores after."""
+
+    metrics: dict
+    samples: Dict[str, List[dict]]
+    scores: dict
+
+
+def train(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict) -> Trained:
+    """Evaluate, train from ``start.step`` to ``config.steps``, evaluate. ``record``: the run's
+    options, saved in each checkpoint."""
+    eval_batch = config.eval_batch_size or setup.micro
+    metrics: dict = {}
+    samples: Dict[str, List[dict]] = {"base": [], "before": []}
+    phase("evaluation")
+    if start.step == 0 and config.eval_base:
+        with adapters_disabled(trainer.model):
+            scores, samples["base"] = evaluate(trainer, task, setup, eval_batch)
+        metrics.update({f"{name}_base": value for name, value in scores.items()})
+        setup.say("base model (adapters off): " + scores_text(scores))
+    if start.step == 0:
+        scores, samples["before"] = evaluate(trainer, task, setup, eval_batch)
+        metrics.update({f"{name}_before": value for name, value in scores.items()})
+        setup.say("before training: " + scores_text(scores))
+    metrics["losses"] = _steps(trainer, task, config, setup, start, record, eval_batch)
+    phase("evaluation")
+    scores, samples["after"] = evaluate(trainer, task, setup, eval_batch)
+    metrics.update({f"{name}_after": value for name, value in scores.items()})
+    return Trained(metrics, samples, scores)
+
+
+def evaluate(trainer, task: Task, setup: Setup, batch_size: int):
+    """(metrics, samples) of the task on its held-out examples, with dropout off (a collective)."""
+    trainer.train_mode(False)
+    return task.evaluate(trainer, setup, batch_size)
+
+
+def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict,
+           eval_batch: int) -> List[float]:
+    """The optimizer steps; each step's loss averaged over ranks. Training draws stream 0 of the
+    global batches, from its first batch whatever the start: a resume sees the same data."""
+    stream = global_batch_indices(len(task.train), config.global_batch_size, config.seed, stream=0)
+    for _ in range(start.step):
+        next(stream)
+    losses = []
+    bar = setup.progress(range(start.step, config.steps), desc="training", unit="step")
+    for step in bar:
+        phase("training")
+        trainer.train_mode(True)  # dropout on (evaluate switches it off)
+        # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
+        torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
+        micro_losses = [trainer.micro_step(to_device(batch, setup.device), setup.accumulation)
+                        for batch in rank_batches(task, next(stream), setup)]
+        trainer.optimizer_step()
+        loss = all_sum([sum(micro_losses) / len(micro_losses)], setup)[0] / setup.world
+        losses.append(loss)
+        if setup.main and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.4f}")
+        done = step + 1
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            setup.say(f"step {done}: " + scores_text(evaluate(trainer, task, setup, eval_batch)[0]))
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            phase("checkpoint")
+            _checkpoint(trainer, start.plan, config, setup, done, record)
+    return losses
+
+
+def _checkpoint(trainer, plan: GoRAPlan, config: TrainConfig, setup: Setup, step: int, record: dict) -> None:
+    """Every rank joins the gathers; rank 0 writes; all wait for it."""
+    current = GoRAPlan.from_trainable(plan.report, trainer.full_trainable())
+    optimizer_state = trainer.full_optimizer_state()
+    if setup.main:
+        write_checkpoint(config.output_dir, step, current, optimizer_state,
+                         {"model": config.model, "world_size": setup.world, "config": record},
+                         keep=config.keep_checkpoints)
+    if setup.world > 1:
+        dist.barrier()

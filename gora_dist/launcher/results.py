@@ -1,0 +1,47 @@
+"""What a run leaves behind at its end: the trained adapter (PEFT format, with gora.json), the shown
+generations (generations.jsonl) and metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List
+
+from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.loop import Trained
+from gora_dist.launcher.processes import Setup
+from gora_dist.launcher.tasks.base import scores_text
+from gora_dist.memory_trace import phase
+from gora_dist.model.adapter_io import save_plan
+from gora_dist.report import GoRAPlan
+
+
+def save_final_adapter(trainer, plan: GoRAPlan, trained: Trained, metrics: dict, config: TrainConfig, setup: Setup,
+                       started: float) -> None:
+    """Every rank joins the gather of the trained tensors; rank 0 writes. ``metrics``: metrics.json's
+    content, which gets the run's wall time (since ``started``, a perf_counter reading)."""
+    phase("final adapter")
+    final = GoRAPlan.from_trainable(plan.report, trainer.full_trainable())
+    out = config.output_dir
+    if setup.main:
+        save_plan(final, os.path.join(out, "adapter"), trainer.model)
+        if trained.samples["after"]:
+            _write_generations(os.path.join(out, "generations.jsonl"), trained.samples)
+        metrics["wall_s"] = time.perf_counter() - started
+        with open(os.path.join(out, "metrics.json"), "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    setup.say(f"after training: {scores_text(trained.scores)}; adapter in {os.path.join(out, 'adapter')}")
+
+
+def _write_generations(path: str, samples: Dict[str, List[dict]]) -> None:
+    """One JSON line per shown held-out example: prompt, reference, and the generation (with whether
+    it matches) of the base model (--eval-base), of GoRA's init before training, and after training."""
+    rows: Dict[int, dict] = {}
+    for stage in ("base", "before", "after"):
+        for sample in samples[stage]:
+            row = rows.setdefault(sample["index"], {key: sample[key] for key in ("index", "origin", "prompt", "reference")})
+            row.update({stage: sample["generation"], f"match_{stage}": sample["match"]})
+    with open(path, "w") as handle:
+        for index in sorted(rows):
+            handle.write(json.dumps(rows[index], ensure_ascii=False) + "\n")
