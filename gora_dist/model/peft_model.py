@@ -59,29 +59,51 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
 
     from gora_dist.model.adapter_io import peft_task_type
 
+    _check_fits(model, plan)
+    config = lora_config(plan, task_type=task_type if task_type is not None else peft_task_type(model))
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _write_plan(peft_model, model, plan, adapter_name)
+    return peft_model
+
+
+def plan_into_peft(peft_model, plan, *, adapter_name: str = "default") -> None:
+    """Put the plan into a ``PeftModel`` in place, as adapter ``adapter_name``: the model a trainer
+    already holds (its LoRA layers unloaded first, ``peft_model.unload()``), so every reference the
+    trainer keeps to it stays valid. The adapter's LoraConfig becomes the plan's."""
+    base = peft_model.base_model.model
+    _check_fits(base, plan)
+    old = peft_model.peft_config[adapter_name]
+    peft_model.peft_config[adapter_name] = lora_config(plan, task_type=old.task_type)
+    peft_model.base_model.inject_adapter(base, adapter_name)
+    peft_model.set_adapter(adapter_name)
+    _write_plan(peft_model, base, plan, adapter_name)
+
+
+def _check_fits(model: nn.Module, plan) -> None:
     if any(isinstance(module, GoRALinear) for module in model.modules()):
         raise ValueError("the model already has GoRA layers: pass it as loaded (to_peft adds PEFT's own layers)")
-    weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
-    check_adapters_fit(model, weights)
+    check_adapters_fit(model, {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a})
     sharding = _sharding(model)
     if plan.saved_state and sharding is not None:
         raise ValueError(f"modules_to_save={list(plan.report.config.modules_to_save)} with a {sharding}-sharded model: "
                          "PEFT would copy the sharded module; to_peft supports them on an unsharded model only")
-    config = lora_config(plan, task_type=task_type if task_type is not None else peft_task_type(model))
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def _write_plan(peft_model, model: nn.Module, plan, adapter_name: str) -> None:
+    """A0/B0 (and the saved modules) into PEFT's layers; under FSDP2 the replicated adapters'
+    gradients averaged once per backward."""
     inner = peft_model.base_model.model
     lora_params = []
-    for name, (lora_a, lora_b) in weights.items():
+    for name in plan.lora_a:
         layer = inner.get_submodule(name)
-        for module, value in ((layer.lora_A[adapter_name], lora_a), (layer.lora_B[adapter_name], lora_b)):
+        for module, value in ((layer.lora_A[adapter_name], plan.lora_a[name]), (layer.lora_B[adapter_name], plan.lora_b[name])):
             write_full(module.weight, value)
             lora_params.append(module.weight)
     for key, value in plan.saved_state.items():  # modules_to_save: PEFT's trainable copy of each
         module_name, param_name = key.rsplit(".", 1)
         wrapper = inner.get_submodule(module_name)
         write_full(getattr(wrapper.modules_to_save[adapter_name], param_name), value)
-    average_beside_shards(model, lora_params)  # FSDP2: the replicated adapters' gradients averaged per backward
-    return peft_model
+    average_beside_shards(model, lora_params)
 
 
-__all__ = ["to_peft", "lora_config"]
+__all__ = ["to_peft", "plan_into_peft", "lora_config"]
