@@ -1,7 +1,8 @@
 """GoRA in the training code people run: prepare_gora / prepare_gora_peft before the Trainer, TRL's
 SFTTrainer or an accelerate loop wraps the model, GoRAAdapterSaver for PEFT-format adapters in every
-checkpoint. One process first; then two spawns at world 2 (tests/dist/trainer_worker.py) run every
-integration under ZeRO-3, FSDP2 and DDP against one process's plan for the same global batches."""
+checkpoint, and prepare_trainer(trainer) on a TRL run as its sft.py builds it. One process first;
+then two spawns at world 2 (tests/dist/trainer_worker.py) run every integration under ZeRO-3, FSDP2
+and DDP against one process's plan for the same global batches."""
 
 import json
 import os
@@ -109,7 +110,7 @@ def test_accelerate_finds_the_blocks_of_a_model_gora_sharded_itself(monkeypatch)
 # --- two ranks: the Trainer, TRL and accelerate under ZeRO-3, FSDP2 and DDP (tests/dist/trainer_worker.py) ---
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-from trainer_worker import CONFIG as WORKER_CONFIG, PER_DEVICE  # noqa: E402
+from trainer_worker import CONFIG as WORKER_CONFIG, PER_DEVICE, TRL_PER_DEVICE, sft_arguments, trl_lora  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "trainer_worker.py")
 
@@ -120,13 +121,30 @@ def one_process_plan():
     return prepare_gora(tiny_llama(), TokenDataset(), WORKER_CONFIG, global_batch_size=2 * PER_DEVICE)
 
 
-def run_worker(launcher, scenario, out):
+@pytest.fixture(scope="module")
+def trl_one_process_plan(smol_chat_model, tmp_path_factory):
+    """prepare_trainer's plan for TRL's run at world 1 on the same global batches (one process drawing
+    2 x TRL_PER_DEVICE examples a micro-batch, the same seed and sampler)."""
+    import datasets
+
+    trl = pytest.importorskip("trl")
+    from conftest import arithmetic_chats
+    from gora_dist.integrations import prepare_trainer
+
+    args = sft_arguments(str(tmp_path_factory.mktemp("trl-one")), per_device=2 * TRL_PER_DEVICE)
+    trainer = trl.SFTTrainer(model=smol_chat_model, args=args, peft_config=trl_lora(),
+                             train_dataset=datasets.Dataset.from_list(arithmetic_chats()))
+    return prepare_trainer(trainer)
+
+
+def run_worker(launcher, scenario, out, chat_model):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if launcher == "deepspeed":
         command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                   WORKER, scenario, str(out)]
+                   WORKER, scenario, str(out), chat_model]
     else:
-        command = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", "2", WORKER, scenario, str(out)]
+        command = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", "2", WORKER, scenario, str(out),
+                   chat_model]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
@@ -146,21 +164,33 @@ def check_plan(fact, reference):
     assert fact["held_elements"] <= fact["target_elements"] // 2 + 48 * len(reference.rank_map)
 
 
-def check_training(fact):
-    assert fact["losses"][-1] < fact["losses"][0] - 0.2, fact["losses"]
+def check_training(fact, drop=0.2):
+    assert fact["losses"][-1] < fact["losses"][0] - drop, fact["losses"]
     assert fact["base_unchanged"]
 
 
-def check_loads_in_peft(folder, rank_map):
-    loaded = peft.PeftModel.from_pretrained(tiny_llama(), folder)
+def check_trl(facts_of_ranks, reference, chat_model, adapter):
+    """TRL + prepare_trainer at two ranks: one process's plan, trained adapters equal on both ranks,
+    the base untouched, the PeftModel TRL saved loads with PEFT alone at the plan's ranks."""
+    for fact in facts_of_ranks:
+        assert fact["is_peft"].endswith("PeftModelForCausalLM")
+        check_plan(fact, reference)
+        check_training(fact, drop=0.1)  # a random model over SmolLM2's 49,152 tokens: slow to move in 8 steps
+    assert facts_of_ranks[0]["checksum"] == pytest.approx(facts_of_ranks[1]["checksum"], rel=1e-7)
+    check_loads_in_peft(adapter, reference.rank_map,
+                        lambda: transformers.AutoModelForCausalLM.from_pretrained(chat_model))
+
+
+def check_loads_in_peft(folder, rank_map, base=tiny_llama):
+    loaded = peft.PeftModel.from_pretrained(base(), folder)
     for name, rank in rank_map.items():
         assert loaded.base_model.model.get_submodule(name).r["default"] == rank, name
 
 
-def test_trainer_and_trl_under_zero3_at_two_ranks_and_a_resumed_checkpoint(tmp_path, one_process_plan):
+def test_trainer_and_trl_under_zero3_at_two_ranks_and_a_resumed_checkpoint(tmp_path, one_process_plan,
+                                                                           trl_one_process_plan, smol_chat_model):
     pytest.importorskip("deepspeed")
-    pytest.importorskip("trl")
-    run_worker("deepspeed", "zero3", tmp_path)
+    run_worker("deepspeed", "zero3", tmp_path, smol_chat_model)
     for fact in facts(tmp_path, "trainer_zero3"):  # Trainer + ZeRO-3, GoRA's layers, loaded partitioned
         assert fact["partitioned"]
         check_plan(fact, one_process_plan)
@@ -171,18 +201,15 @@ def test_trainer_and_trl_under_zero3_at_two_ranks_and_a_resumed_checkpoint(tmp_p
     for fact in facts(tmp_path, "resumed_zero3"):  # resumed at step 4 from the saved plan: the same run
         assert fact["rank_map"] == one_process_plan.rank_map
         assert fact["losses"] == pytest.approx(uninterrupted, rel=1e-6)
-    for fact in facts(tmp_path, "trl_zero3"):  # TRL's SFTTrainer + ZeRO-3 on the PEFT model (to_peft, partitioned)
-        assert fact["is_peft"] == "PeftModelForCausalLM"
-        check_plan(fact, one_process_plan)
-        check_training(fact)
-        # the same data and plan as the Trainer's GoRA layers: the same losses, up to TRL's own loss
-        # reduction (within 1e-5 relative here)
-        assert fact["losses"] == pytest.approx(uninterrupted, rel=1e-4)
+    # TRL given the model by name under ZeRO-3, its LoraConfig, then prepare_trainer(trainer)
+    assert all(fact["partitioned"] for fact in facts(tmp_path, "trl_zero3"))
+    check_trl(facts(tmp_path, "trl_zero3"), trl_one_process_plan, smol_chat_model, tmp_path / "trl_zero3" / "adapter")
 
 
-def test_accelerate_fsdp2_and_the_trainer_under_fsdp2_at_two_ranks(tmp_path, one_process_plan):
-    run_worker("torchrun", "torchrun", tmp_path)
-    for scenario in ("accelerate_ddp", "peft_fsdp2", "trainer_fsdp_on_cpu"):
+def test_accelerate_fsdp2_and_the_trainer_under_fsdp2_at_two_ranks(tmp_path, one_process_plan, trl_one_process_plan,
+                                                                   smol_chat_model):
+    run_worker("torchrun", "torchrun", tmp_path, smol_chat_model)
+    for scenario in ("accelerate_ddp", "peft_fsdp2"):
         for fact in facts(tmp_path, scenario):
             check_plan(fact, one_process_plan)
             assert fact["losses"][-1] < fact["losses"][0] - 0.2, (scenario, fact["losses"])
@@ -192,8 +219,10 @@ def test_accelerate_fsdp2_and_the_trainer_under_fsdp2_at_two_ranks(tmp_path, one
         assert both[0]["checksum"] == both[1]["checksum"], scenario
     assert all(fact["sharded_weights"] for fact in facts(tmp_path, "peft_fsdp2"))
     check_loads_in_peft(tmp_path / "accelerate" / "peft_adapter", one_process_plan.rank_map)
-    for fact in facts(tmp_path, "trainer_fsdp_on_cpu"):  # accelerate trains with DDP on the CPU, and GoRA says so
-        assert any("FSDP was asked for on the CPU" in message for message in fact["warnings"])
+    # TRL asked for FSDP2 on the CPU: accelerate trains with DDP there, GoRA estimates with DDP and says so
+    on_cpu = facts(tmp_path, "trl_fsdp_on_cpu")
+    check_trl(on_cpu, trl_one_process_plan, smol_chat_model, tmp_path / "trl_fsdp_on_cpu" / "adapter")
+    assert all(any("FSDP was asked for on the CPU" in message for message in fact["warnings"]) for fact in on_cpu)
     # the Trainer under FSDP2 proper (accelerate's device gate lifted on the CPU: tests/dist/fsdp_on_cpu.py)
     trainer_fsdp2 = facts(tmp_path, "trainer_fsdp2")
     for fact in trainer_fsdp2:
@@ -207,3 +236,8 @@ def test_accelerate_fsdp2_and_the_trainer_under_fsdp2_at_two_ranks(tmp_path, one
     for fact in facts(tmp_path, "resumed_fsdp2"):  # resumed at step 4 from its checkpoint and saved plan: the same run
         assert fact["rank_map"] == one_process_plan.rank_map
         assert fact["losses"] == pytest.approx(trainer_fsdp2[0]["losses"], rel=1e-6)
+    # TRL + PEFT under the Trainer's FSDP2: the base sharded, the PeftModel the root accelerate took as it is
+    trl_fsdp2 = facts(tmp_path, "trl_fsdp2")
+    assert all(fact["fsdp2"] and fact["sharded_weights"] and not fact["warnings"] for fact in trl_fsdp2)
+    check_trl(trl_fsdp2, trl_one_process_plan, smol_chat_model, tmp_path / "trl_fsdp2" / "adapter")
+    assert trl_fsdp2[0]["losses"] == pytest.approx(on_cpu[0]["losses"], rel=1e-5)  # the same run as with DDP

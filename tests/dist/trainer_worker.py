@@ -1,14 +1,16 @@
 """One rank of the training-code integration tests (tests/test_trainer_integration.py), at world 2.
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/dist/trainer_worker.py zero3 OUT
-    torchrun --nproc_per_node 2 tests/dist/trainer_worker.py torchrun OUT
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/dist/trainer_worker.py zero3 OUT CHAT_MODEL
+    torchrun --nproc_per_node 2 tests/dist/trainer_worker.py torchrun OUT CHAT_MODEL
 
 zero3: the Trainer under DeepSpeed ZeRO-3 with GoRA's layers (a checkpoint at step 4), the same run
-resumed from that checkpoint with its saved plan, then TRL's SFTTrainer under ZeRO-3 with the plan as
-a PEFT model. torchrun: an accelerate loop (DDP on the CPU) with a PEFT model, a Trainer asked for
+resumed from that checkpoint with its saved plan, then TRL's SFTTrainer as its sft.py builds it (the
+model folder CHAT_MODEL by name, so loaded partitioned; chat records; a LoraConfig) with
+``prepare_trainer``. torchrun: an accelerate loop (DDP on the CPU) with a PEFT model, TRL asked for
 FSDP2 on the CPU (accelerate runs DDP there: GoRA estimates with DDP and says so), FSDP2 with the
 PEFT model in a plain loop, then the Trainer under FSDP2 proper (accelerate's device gate lifted,
-tests/dist/fsdp_on_cpu.py) with checkpoints, and the same run resumed from its step-4 checkpoint.
+tests/dist/fsdp_on_cpu.py) with checkpoints, the same run resumed from its step-4 checkpoint, and TRL
++ PEFT under that FSDP2 (GoRA shards the base and makes the PeftModel the root).
 device (one rank, for benchmarks/gpu_suite.py): the Trainer with FSDP2 on the GPU, the model sharded
 by GoRA. Each scenario writes OUT/<scenario>/rank<R>.json.
 """
@@ -31,6 +33,7 @@ from gora_dist.integrations import GoRAAdapterSaver, prepare_gora, prepare_gora_
 
 CONFIG = GoRAConfig(grad_steps=4, target_modules=["q_proj", "v_proj", "o_proj"], seed=0)  # seed: batches and A0 alike
 PER_DEVICE, STEPS = 4, 8
+TRL_PER_DEVICE, TRL_TARGETS = 2, ["q_proj", "v_proj", "down_proj"]
 DS_CONFIG = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
              "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
 
@@ -50,9 +53,10 @@ def training_args(out, use_cpu=True, **extra):
         logging_steps=1, report_to=[], use_cpu=use_cpu, seed=0, lr_scheduler_type="constant", **extra)
 
 
-def base_unchanged(model) -> bool:
-    """Every non-adapter weight equals the freshly built model's (gathered when partitioned)."""
-    reference = dict(tiny_llama().named_parameters())
+def base_unchanged(model, reference=None) -> bool:
+    """Every non-adapter weight equals ``reference`` ({name: tensor}; the freshly built tiny Llama's by
+    default), gathered when partitioned or sharded."""
+    reference = dict(tiny_llama().named_parameters()) if reference is None else reference
     named = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
     partitioned = [p for _, p in named if hasattr(p, "ds_id")]
     if partitioned:
@@ -110,7 +114,7 @@ def losses_of(trainer):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def zero3_scenarios(out):
+def zero3_scenarios(out, model_folder):
     import transformers
 
     folder = os.path.join(out, "model")
@@ -137,27 +141,54 @@ def zero3_scenarios(out):
     next_run(trainer)
     del trainer, model
 
-    # TRL's SFTTrainer + ZeRO-3 with the plan as a PEFT model
+    # TRL's SFTTrainer given the model by name under ZeRO-3 (so it loads partitioned), with its PEFT config
+    trl_run(out, "trl_zero3", model_folder, deepspeed=DS_CONFIG)
+
+
+def sft_arguments(out, per_device=TRL_PER_DEVICE, **extra):
+    """TRL's SFTConfig for the world-2 runs: 2 examples a micro-batch, 2 micro-batches an optimizer step
+    (8 examples a step, as the one-process reference's 4 x 2 in tests/test_trainer_integration.py)."""
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
+                     max_steps=STEPS, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                     save_strategy="no", lr_scheduler_type="constant", max_length=64, bf16=False, **extra)
+
+
+def trl_lora():
+    """The LoraConfig TRL's sft.py builds from --use_peft --lora_r 4 --lora_alpha 8 --lora_target_modules ...:
+    GoRA's budget and options (ranks in [2, 16])."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TRL_TARGETS, task_type="CAUSAL_LM")
+
+
+def trl_run(out, scenario, model_folder, engine="auto", **extra):
+    """TRL's own setup, as its sft.py builds it (model by name, raw chat records, a LoraConfig), then
+    GoRA's one call; trains, saves the PEFT adapter and writes the facts."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from safetensors.torch import load_file
+    from trl import SFTTrainer
 
-    from gora_dist.launcher.tokenizer import character_tokenizer
+    from conftest import arithmetic_chats
+    from gora_dist.integrations import prepare_trainer
 
-    sft_args = SFTConfig(output_dir=os.path.join(out, "trl"), per_device_train_batch_size=PER_DEVICE, max_steps=STEPS,
-                         learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no",
-                         lr_scheduler_type="constant", deepspeed=DS_CONFIG)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    records = datasets.Dataset.from_list([{"input_ids": item["input_ids"].tolist()} for item in dataset])
-    model, peft_plan = prepare_gora_peft(model, dataset, CONFIG, args=sft_args)
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=records,
-                         processing_class=character_tokenizer("{{ messages }}"))
+    trainer = SFTTrainer(model=model_folder, args=sft_arguments(os.path.join(out, scenario), **extra),
+                         peft_config=trl_lora(), train_dataset=datasets.Dataset.from_list(arithmetic_chats()))
+    partitioned = all(hasattr(p, "ds_id") for n, p in trainer.model.named_parameters() if ".lora_" not in n)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = prepare_trainer(trainer, engine=engine)
     trainer.train()
-    write(out, "trl_zero3", losses=losses_of(trainer), base_unchanged=base_unchanged(model),
-          is_peft=type(trainer.model).__name__, **plan_facts(peft_plan))
-    trainer.accelerator.free_memory()
+    trainer.save_model(os.path.join(out, scenario, "adapter"))
+    write(out, scenario, losses=losses_of(trainer), is_peft=type(trainer.model).__name__, partitioned=partitioned,
+          base_unchanged=base_unchanged(trainer.model, load_file(os.path.join(model_folder, "model.safetensors"))),
+          sharded_weights=sharded_weights(trainer.model), fsdp2=trainer.accelerator.is_fsdp2,
+          warnings=[str(w.message) for w in caught if "GoRA" in str(w.message)], checksum=adapter_checksum(trainer.model), **plan_facts(plan))
+    next_run(trainer)
 
 
-def torchrun_scenarios(out):
+def torchrun_scenarios(out, model_folder):
     import transformers
     from accelerate import Accelerator
 
@@ -183,16 +214,8 @@ def torchrun_scenarios(out):
     write(out, "accelerate_ddp", losses=losses, base_unchanged=base_unchanged(runner),
           checksum=adapter_checksum(runner), **plan_facts(plan))
 
-    # a Trainer asked for FSDP2 on the CPU: accelerate runs DDP there, so GoRA estimates with DDP
-    args = training_args(os.path.join(out, "trainer"), fsdp=True, fsdp_config={"version": 2})
-    model = tiny_llama()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plan = prepare_gora(model, dataset, CONFIG, args=args)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
-    trainer.train()
-    write(out, "trainer_fsdp_on_cpu", losses=losses_of(trainer), warnings=[str(w.message) for w in caught],
-          **plan_facts(plan))
+    # TRL asked for FSDP2 on the CPU: accelerate runs DDP there, so GoRA estimates with DDP and says so
+    trl_run(out, "trl_fsdp_on_cpu", model_folder, fsdp=True, fsdp_config={"version": 2})
 
     # FSDP2 in a plain loop with the PEFT model: adapters replicated beside the weight shards
     model, plan = prepare_gora_peft(tiny_llama(), dataset, CONFIG, engine="fsdp2",
@@ -215,7 +238,6 @@ def torchrun_scenarios(out):
     # on the model GoRA sharded; full-state checkpoints at step 4 and 8, then the run resumed at step 4
     from fsdp_on_cpu import lift_accelerate_fsdp_device_gate
 
-    next_run(trainer)
     lift_accelerate_fsdp_device_gate()
     args = training_args(os.path.join(out, "trainer_fsdp2"), fsdp=True, fsdp_config={"version": 2})
     model = tiny_llama()
@@ -230,7 +252,12 @@ def torchrun_scenarios(out):
     next_run(trainer)
     del trainer, model, trained
 
-    resume_at_step_4(out, "resumed_fsdp2", tiny_llama(), dataset, args, engine="fsdp2")
+    trainer = resume_at_step_4(out, "resumed_fsdp2", tiny_llama(), dataset, args, engine="fsdp2")
+    next_run(trainer)
+
+    # TRL + PEFT under the Trainer's FSDP2: GoRA shards the base and makes the PeftModel the FSDP2 root
+    # (on GPUs engine="auto" finds FSDP2; on CPU ranks accelerate would train with DDP but for the lifted gate)
+    trl_run(out, "trl_fsdp2", model_folder, engine="fsdp2", fsdp=True, fsdp_config={"version": 2})
 
 
 def device_scenarios(out):
@@ -272,12 +299,12 @@ def device_scenarios(out):
 
 
 def main():
-    scenario, out = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # deepspeed adds it first
+    scenario, out, *model_folder = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # deepspeed adds it
     if scenario == "zero3":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        zero3_scenarios(out)
+        zero3_scenarios(out, *model_folder)
     elif scenario == "device":
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -285,7 +312,7 @@ def main():
         device_scenarios(out)
     else:
         dist.init_process_group("gloo")
-        torchrun_scenarios(out)
+        torchrun_scenarios(out, *model_folder)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
