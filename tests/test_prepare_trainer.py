@@ -87,11 +87,14 @@ def test_sft_trainer_estimates_the_gradient_its_own_training_step_takes(smol_cha
     assert min(changed) > 1e-3
 
 
-def test_the_trainer_trains_and_saves_the_plan_as_its_peft_model(smol_chat_model, tmp_path):
+def test_the_trainer_trains_and_saves_the_plan_as_its_peft_model(smol_chat_model, tmp_path, capsys):
     from gora_dist.integrations import prepare_trainer
 
     trainer = sft_trainer(smol_chat_model, tmp_path / "run", save_strategy="steps", save_steps=2)
     plan = prepare_trainer(trainer)  # GoRA's options from the LoraConfig: r=4 -> ranks in [2, 16], alpha 8
+    said = capsys.readouterr().out
+    assert f"GoRA: {len(plan.rank_map)} layers, ranks {min(plan.rank_map.values())}-" in said
+    assert f"from {8 * ACCUMULATION} backward passes" in said
     config = plan.report.config
     assert (config.rank_ref, config.rank_min, config.rank_max, config.alpha) == (4, 2, 16, 8.0)
     assert sorted(config.target_modules) == sorted(TARGETS) and config.grad_steps == 8 * ACCUMULATION
@@ -128,6 +131,7 @@ def test_the_trainer_trains_and_saves_the_plan_as_its_peft_model(smol_chat_model
     resumed.get_train_dataloader = None  # estimating would need it
     again = prepare_trainer(resumed)
     assert again.rank_map == plan.rank_map
+    assert "the plan saved in the checkpoint (not estimated again)" in capsys.readouterr().out
     del resumed.get_train_dataloader
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     continued = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]

@@ -5,8 +5,8 @@
                       callbacks=[GoRAAdapterSaver(plan)])
     trainer.train()
 
-or, for a PEFT model (everything PEFT and the trainers' PEFT support offer; not under a Trainer's
-own FSDP2, see prepare_gora_peft):
+or, for a PEFT model (everything PEFT and the trainers' PEFT support offer; under a Trainer's own
+FSDP2 use prepare_trainer, see prepare_gora_peft):
 
     model, plan = prepare_gora_peft(model, train_dataset, GoRAConfig(...), args=training_args)
 
@@ -93,17 +93,19 @@ def prepare_gora_peft(model: nn.Module, train_dataset, config: GoRAConfig, *, ar
 
     Under FSDP2 the adapters stay replicated beside the weight shards, their gradients averaged at
     each backward, which suits your own loop (``engine="fsdp2"``). A Trainer or accelerate run that
-    asks for FSDP2 itself is refused: accelerate would shard the PEFT wrapper a second time (it takes
-    a model as it is only when the model is ``fully_shard``-ed at the top); use :func:`prepare_gora`,
-    whose model accelerate takes as it is.
+    asks for FSDP2 itself is refused here: the base is sharded and run before the PEFT wrapper
+    exists, and accelerate takes a model as it is only when its top is ``fully_shard``-ed, so it would
+    shard the wrapper a second time. ``prepare_trainer(trainer)`` does that case: it makes the
+    PeftModel the FSDP2 root before estimating.
     """
     from gora_dist.model.peft_model import to_peft
 
     if engine == "auto" and fsdp_version(args, accelerator) == 2 and rank_and_world()[1] > 1 \
             and not on_cpu(args, accelerator):
         raise ValueError("prepare_gora_peft under a Trainer/accelerate FSDP2 run: accelerate would shard the PEFT "
-                         "model a second time; use prepare_gora (GoRA's layers) there, or engine='fsdp2' with your "
-                         "own training loop")
+                         "model a second time; build the Trainer first (with peft_config or the PeftModel) and call "
+                         "gora_dist.integrations.prepare_trainer(trainer), or use prepare_gora (GoRA's layers), or "
+                         "engine='fsdp2' with your own training loop")
     plan = _estimate(model, train_dataset, config, args=args, accelerator=accelerator, data_collator=data_collator,
                      global_batch_size=global_batch_size, loss_fn=loss_fn, engine=engine, plan_from=plan_from)
     return to_peft(model, plan, adapter_name=adapter_name), plan

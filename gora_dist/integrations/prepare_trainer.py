@@ -92,7 +92,22 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
         apply_plan(model, plan)
     _hand_to_trainer(trainer, model)
     trainer.add_callback(GoRAAdapterSaver(plan))
+    if trainer.args.should_log:
+        trainer.accelerator.print(plan_summary(plan, engine, estimated=loader is not None))
     return plan
+
+
+def plan_summary(plan: GoRAPlan, engine: str, *, estimated: bool) -> str:
+    """One line for the run's log: the ranks, the budget, and what the plan cost (or where it came from)."""
+    report = plan.report
+    ranks = list(plan.rank_map.values())
+    head = (f"GoRA: {len(ranks)} layers, ranks {min(ranks)}-{max(ranks)}, {report.param_count:,d} adapter parameters "
+            f"({report.param_count / max(report.param_budget, 1):.1%} of LoRA at r={report.config.rank_ref})")
+    if not estimated:
+        return head + "; the plan saved in the checkpoint (not estimated again)"
+    timings = report.timings
+    return (head + f"; estimated under {engine} from {report.grad_steps} backward passes in "
+            f"{timings.get('gradient_s', 0.0):.1f} s, ranks and A0/B0 in {timings.get('init_s', 0.0):.1f} s")
 
 
 def resumed_plan_folder(args) -> Optional[str]:
