@@ -235,9 +235,10 @@ def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process,
     """World 2 (FSDP2; ZeRO-3 with synced generation), both with activation checkpointing, against one
     process without it on the same global batches.
     Evaluation of the same model (GoRA's init, before training): the same greedy generations and exact
-    match, the response NLL equal to float32 summation order. After training: under FSDP2 the NLL to
-    1e-3; under ZeRO-3 the NLL falls as far, but DeepSpeed's training steps are not torch's AdamW to
-    the bit (docs/distributed.md), so it is not compared. PEFT reads the adapter as we do."""
+    match, the response NLL equal to float32 summation order. Training clips the gradient norm at 1.0
+    by one rule under every engine (DeepSpeed's gradient_clipping set from it), and the norms here
+    exceed it: every step's loss and norm equal one process's to float rounding, under ZeRO-3 as under
+    FSDP2, and so does the NLL after training. PEFT reads the adapter as we do."""
     if launcher == "deepspeed":
         pytest.importorskip("deepspeed")
     result = launch(launcher, 2, sft_arguments(sft_data, tmp_path, "--engine", engine, "--checkpoint-every", "10",
@@ -257,9 +258,11 @@ def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process,
                        result.stdout)
     read, total = (int(number.replace(",", "")) for number in loaded.groups())
     assert total / 2 <= read < 0.6 * total, (read, total)
-    if engine == "fsdp2":
-        assert two["response_nll_after"] == pytest.approx(one["response_nll_after"], rel=1e-3)
-        assert two["exact_match_after"] == pytest.approx(one["exact_match_after"], abs=1 / 24)  # at most one flip
+    assert sum(norm > 1.0 for norm in one["grad_norms"]) >= 3  # clipping acted on several steps
+    assert two["losses"] == pytest.approx(one["losses"], rel=2e-4)
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=2e-3)
+    assert two["response_nll_after"] == pytest.approx(one["response_nll_after"], rel=1e-3)
+    assert two["exact_match_after"] == pytest.approx(one["exact_match_after"], abs=1 / 24)  # at most one flip
     model_folder = sft_data[1]
     torch.testing.assert_close(sft_logits(tmp_path / "adapter", model_folder, True),
                                sft_logits(tmp_path / "adapter", model_folder, False), rtol=0, atol=1e-6)

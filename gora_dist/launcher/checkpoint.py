@@ -37,9 +37,21 @@ def _fsync_tree(folder: str) -> None:
                 os.fsync(handle.fileno())
 
 
+def check_finite(plan: GoRAPlan, extra: Dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``what`` when one of its tensors holds NaN or infinity (naming the tensor): a
+    file that cannot be trained on must never replace one that can."""
+    named = [*(("lora_A of " + n, t) for n, t in plan.lora_a.items()), *(("lora_B of " + n, t) for n, t in plan.lora_b.items()),
+             *plan.saved_state.items(), *extra.items()]
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what}: {name} holds non-finite values; not written (the previous files are kept)")
+
+
 def write_checkpoint(output_dir: str, step: int, plan: GoRAPlan, optimizer_state: Dict[str, torch.Tensor],
                      trainer_state: dict, keep: int = 2) -> str:
-    """Rank 0 only. plan: the adapters' current A/B in a GoRAPlan (report carries rank map and config)."""
+    """Rank 0 only. plan: the adapters' current A/B in a GoRAPlan (report carries rank map and config).
+    Nothing is written when a value is not finite."""
+    check_finite(plan, optimizer_state, f"checkpoint at step {step}")
     root = checkpoint_root(output_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")

@@ -121,6 +121,12 @@ class TrainConfig:
     checkpoint_every: int = 20
     """Save a checkpoint every this many steps (0: only the final adapter)."""
     keep_checkpoints: int = 2
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm of the trainable parameters (all ranks) to this before each
+    update, the same way under every engine (ZeRO: DeepSpeed's ``gradient_clipping``); 0: no clipping."""
+    skip_nonfinite: bool = False
+    """A step whose loss or gradient norm is not finite skips its update (counted in metrics.json)
+    instead of stopping the run."""
     timeout_s: float = 600.0
     """Timeout of the process group and of GoRA's collectives."""
     ds_config: Optional[str] = None
@@ -146,6 +152,10 @@ class TrainConfig:
         for option in ("global_batch_size", "steps", "max_length", "eval_examples", "max_new_tokens"):
             if getattr(self, option) < 1:
                 raise ValueError(f"{option}={getattr(self, option)}: must be >= 1")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm}: must be >= 0 (0: no clipping)")
+        if self.ds_config is not None:
+            check_ds_config(read_ds_config(self.ds_config), self)
         if self.lr <= 0 or self.loraplus_lr_ratio <= 0:
             raise ValueError(f"lr={self.lr}, loraplus_lr_ratio={self.loraplus_lr_ratio}: both must be > 0")
         if self.gora is None:
@@ -166,6 +176,34 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_ds_config(path: str) -> dict:
+    """A DeepSpeed JSON config; a missing file or invalid JSON named with the parser's line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"ds_config={path!r}: no such file")
+    with open(path) as handle:
+        try:
+            found = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"ds_config {path}, line {error.lineno} column {error.colno}: invalid JSON "
+                             f"({error.msg})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"ds_config {path}: expected a JSON object, got {type(found).__name__}")
+    return found
+
+
+def check_ds_config(found: dict, config: "TrainConfig") -> None:
+    """A DeepSpeed config only where DeepSpeed runs, and no clipping of its own that differs from
+    max_grad_norm (the one rule of every engine)."""
+    if config.engine in ("local", "ddp", "fsdp2"):
+        raise ValueError(f"ds_config={config.ds_config!r} with engine={config.engine}: only the zero engines read "
+                         "it; drop --ds-config or use --engine zero3/zero2")
+    clipping = found.get("gradient_clipping")
+    if clipping not in (None, "auto") and float(clipping) != config.max_grad_norm:
+        raise ValueError(f"ds_config {config.ds_config}: gradient_clipping={clipping} differs from "
+                         f"max_grad_norm={config.max_grad_norm}; the launcher clips every engine by --max-grad-norm "
+                         f"(0 turns it off): pass --max-grad-norm {clipping}, or drop gradient_clipping from the file")
 
 
 def _known_keys() -> List[str]:

@@ -5,13 +5,15 @@ and the scores after."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from gora_dist.launcher.checkpoint import write_checkpoint
+from gora_dist.launcher.checkpoint import latest_checkpoint, write_checkpoint
 from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.gradients import NonFiniteStep, is_finite_step, nonfinite_message
 from gora_dist.launcher.planning import Start
 from gora_dist.launcher.processes import Setup
 from gora_dist.launcher.tasks import Task
@@ -49,7 +51,7 @@ def train(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, 
         scores, samples["before"] = evaluate(trainer, task, setup, eval_batch)
         metrics.update({f"{name}_before": value for name, value in scores.items()})
         setup.say("before training: " + scores_text(scores))
-    metrics["losses"] = _steps(trainer, task, config, setup, start, record, eval_batch)
+    metrics.update(_steps(trainer, task, config, setup, start, record, eval_batch))
     phase("evaluation")
     scores, samples["after"] = evaluate(trainer, task, setup, eval_batch)
     metrics.update({f"{name}_after": value for name, value in scores.items()})
@@ -63,13 +65,16 @@ def evaluate(trainer, task: Task, setup: Setup, batch_size: int):
 
 
 def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict,
-           eval_batch: int) -> List[float]:
-    """The optimizer steps; each step's loss averaged over ranks. Training draws stream 0 of the
-    global batches, from its first batch whatever the start: a resume sees the same data."""
+           eval_batch: int) -> dict:
+    """The optimizer steps: {"losses", "grad_norms", "skipped_steps"}, each step's loss averaged over
+    ranks and its gradient norm taken before clipping. Training draws stream 0 of the global batches,
+    from its first batch whatever the start: a resume sees the same data. A step whose loss or norm
+    is not finite stops the run before its update (every rank agrees: both values are global), or
+    with skip_nonfinite skips it."""
     stream = global_batch_indices(len(task.train), config.global_batch_size, config.seed, stream=0)
     for _ in range(start.step):
         next(stream)
-    losses = []
+    losses, norms, skipped = [], [], []
     bar = setup.progress(range(start.step, config.steps), desc="training", unit="step")
     for step in bar:
         phase("training")
@@ -78,9 +83,18 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
         torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
         micro_losses = [trainer.micro_step(to_device(batch, setup.device), setup.accumulation)
                         for batch in rank_batches(task, next(stream), setup)]
-        trainer.optimizer_step()
         loss = all_sum([sum(micro_losses) / len(micro_losses)], setup)[0] / setup.world
+        norm = trainer.gradient_norm()
+        finite = is_finite_step(loss, norm)
+        if not finite and not config.skip_nonfinite:
+            raise NonFiniteStep(nonfinite_message(step + 1, loss, norm, latest_checkpoint(config.output_dir)))
+        trainer.optimizer_step(norm, skip=not finite)
+        if not finite:
+            skipped.append(step + 1)
+            setup.say(f"step {step + 1}: loss {loss}, gradient norm {norm} (not finite): update skipped "
+                      f"({len(skipped)} so far)")
         losses.append(loss)
+        norms.append(norm)
         if setup.main and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
@@ -89,7 +103,13 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             phase("checkpoint")
             _checkpoint(trainer, start.plan, config, setup, done, record)
-    return losses
+    return {"losses": [finite_or_none(value) for value in losses], "grad_norms": [finite_or_none(v) for v in norms],
+            "skipped_steps": skipped}
+
+
+def finite_or_none(value: float):
+    """JSON has no NaN or infinity: a non-finite value is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def _checkpoint(trainer, plan: GoRAPlan, config: TrainConfig, setup: Setup, step: int, record: dict) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 from datetime import timedelta
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gora_dist.engines.choice import choose_engine
-from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.config import TrainConfig, read_ds_config
 from gora_dist.memory_trace import write_now as write_memory_trace
 
 
@@ -97,6 +96,9 @@ def _engine_and_device(config: TrainConfig, by_deepspeed: bool) -> Tuple[str, to
     engine = config.engine
     if engine == "auto":
         engine, _ = choose_engine(zero3=by_deepspeed, fsdp=None, world=world, cpu=not torch.cuda.is_available())
+    if config.ds_config and engine not in ("zero3", "zero2"):
+        raise ValueError(f"ds_config={config.ds_config!r}: engine auto resolved to {engine} here, which does not read "
+                         "it; launch with deepspeed or pass --engine zero3/zero2, or drop --ds-config")
     if engine == "local" and world > 1:
         raise ValueError(f"engine=local with WORLD_SIZE={world}: pick ddp, fsdp2, zero3 or zero2 for several processes")
     cuda = torch.cuda.is_available()
@@ -138,10 +140,8 @@ def deepspeed_config(config: TrainConfig, setup: Setup, stage: int, accumulation
     """The user's DeepSpeed JSON (if any) with our stage, batch sizes and precision; ``accumulation``
     defaults to the run's (GoRA's estimation passes 1: it counts every backward itself)."""
     accumulation = setup.accumulation if accumulation is None else accumulation
-    base = {}
-    if config.ds_config:
-        with open(config.ds_config) as handle:
-            base = json.load(handle)
+    base = read_ds_config(config.ds_config) if config.ds_config else {}
+    base["gradient_clipping"] = config.max_grad_norm  # the run's one rule (checked against the file in TrainConfig)
     base.update(train_micro_batch_size_per_gpu=setup.micro, gradient_accumulation_steps=accumulation,
                 train_batch_size=setup.micro * accumulation * setup.world, zero_allow_untested_optimizer=True,
                 steps_per_print=2**31 - 1)

@@ -8,6 +8,7 @@ import os
 import time
 from typing import Dict, List
 
+from gora_dist.launcher.checkpoint import check_finite
 from gora_dist.launcher.config import TrainConfig
 from gora_dist.launcher.loop import Trained
 from gora_dist.launcher.processes import Setup
@@ -25,6 +26,7 @@ def save_final_adapter(trainer, plan: GoRAPlan, trained: Trained, metrics: dict,
     final = GoRAPlan.from_trainable(plan.report, trainer.full_trainable())
     out = config.output_dir
     if setup.main:
+        check_finite(final, {}, "the final adapter")
         save_plan(final, os.path.join(out, "adapter"), trainer.model)
         if trained.samples["after"]:
             _write_generations(os.path.join(out, "generations.jsonl"), trained.samples)

@@ -1,6 +1,7 @@
 """Training the adapters under each engine: :func:`trainer_for` puts the plan into the model and wraps
 it for the run's engine, behind one small interface the training loop uses:
-``micro_step(batch, accumulation)``, ``optimizer_step()``, ``logits(inputs)``, ``generate(inputs)``,
+``micro_step(batch, accumulation)``, ``gradient_norm()`` (the run's, before clipping; a collective),
+``optimizer_step(norm, skip)`` (clipped by the one rule of gradients.py), ``logits(inputs)``, ``generate(inputs)``,
 ``full_trainable()``, ``full_optimizer_state()``, ``load_optimizer_state(tensors, step)``, ``close()``.
 The "full_*" methods are collectives: every rank calls them, and only rank 0 (which writes the files)
 gets the full tensors; the others get {} and hold no copy.
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from gora_dist.comm.gather import full_copy, gather_partitions
 from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.gradients import clip_coefficient, scale_gradients, torch_grad_norm
 from gora_dist.launcher.optimization import make_optimizer, set_schedule_step
 from gora_dist.launcher.planning import Start
 from gora_dist.launcher.processes import Setup, deepspeed_config
@@ -57,6 +59,7 @@ class TorchTraining:
         self.synced_generation = synced_generation
         self.named = trainable_parameters(model)
         self.optimizer, self.scheduler = optimizer_for(self.named, config)
+        self.max_grad_norm = config.max_grad_norm
 
     def train_mode(self, training: bool) -> None:
         self.runner.train(training)
@@ -66,8 +69,14 @@ class TorchTraining:
         (loss / accumulation).backward()
         return float(loss.detach())
 
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
+    def gradient_norm(self) -> float:
+        return torch_grad_norm([param for _, param in self.named])
+
+    def optimizer_step(self, norm: float, skip: bool = False) -> None:
+        """Clip by the run's rule and update; ``skip``: no update (the schedule still counts the step)."""
+        if not skip:
+            scale_gradients([param for _, param in self.named], clip_coefficient(norm, self.max_grad_norm))
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -139,11 +148,49 @@ class DeepSpeedTraining:
     def micro_step(self, batch: dict, accumulation: int) -> float:
         loss = self.engine(**batch).loss
         self.engine.backward(loss)
-        self.engine.step()  # DeepSpeed steps the optimizer at its accumulation boundary only
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-step; the update is optimizer_step's
         return float(loss.detach())
 
-    def optimizer_step(self) -> None:
-        pass
+    def gradient_norm(self) -> float:
+        """Before DeepSpeed's step: ZeRO-3's fp32 gradient partitions (disjoint) summed over the ranks;
+        under ZeRO-2 the full gradients (a collective per parameter)."""
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+        if self._partitioned:
+            local = [safe_get_local_grad(p) for _, p in self.named]
+            total = torch.stack([g.float().pow(2).sum() for g in local if g is not None]).sum().reshape(1)
+            dist.all_reduce(total)
+            return float(total.sqrt())
+        grads = [safe_get_full_grad(p) for _, p in self.named]
+        return float(torch.stack([g.float().pow(2).sum() for g in grads if g is not None]).sum().sqrt())
+
+    def optimizer_step(self, norm: float, skip: bool = False) -> None:
+        """DeepSpeed's step clips by ``gradient_clipping`` (set from max_grad_norm, the same rule) and
+        skips an update whose gradient norm is not finite; ``skip`` with a finite norm (a non-finite
+        loss) makes one gradient element NaN so that DeepSpeed's own skip runs."""
+        if skip:
+            import math
+
+            if math.isfinite(norm):
+                self._poison_gradient()
+        self.engine.step()
+        if not self.engine.was_step_applied():
+            self.scheduler.step()  # DeepSpeed leaves the schedule behind on a skipped step; torch's counts it
+
+    def _poison_gradient(self) -> None:
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+
+        _, param = self.named[0]
+        if self._partitioned:
+            grad = safe_get_local_grad(param).clone()
+            grad.view(-1)[0] = float("nan")
+            safe_set_local_grad(param, grad)
+        else:
+            grad = safe_get_full_grad(param).clone()
+            grad.view(-1)[0] = float("nan")
+            safe_set_full_grad(param, grad)
 
     @torch.no_grad()
     def logits(self, inputs: dict, **kwargs) -> torch.Tensor:
