@@ -27,10 +27,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout too
 
-from gora_dist.launcher.runner import main  # noqa: E402
+from gora_dist.launcher.cli import cli  # noqa: E402
 
 if __name__ == "__main__":
-    code = main()
+    code = cli()
     sys.stdout.flush()
     sys.stderr.flush()
     # Leave without interpreter finalisation. A gloo worker thread that still holds a finished

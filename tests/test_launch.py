@@ -109,7 +109,8 @@ def test_local_run_trains_and_peft_loads_the_adapter(data, tmp_path):
     for name in ("init", "adapter"):
         assert sorted(os.listdir(tmp_path / name)) == ["adapter_config.json", "adapter_model.safetensors", "gora.json"]
     assert (tmp_path / "rank_map.png").stat().st_size > 10_000
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000005"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000010"  # the last step is checkpointed too
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000005", "step-000010"]
     torch.testing.assert_close(logits_with(tmp_path / "adapter", True), logits_with(tmp_path / "adapter", False),
                                rtol=0, atol=1e-6)
     gora = json.loads((tmp_path / "adapter" / "gora.json").read_text())
@@ -174,7 +175,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(data, tmp_pa
     with pytest.raises(OSError, match="killed mid-write"):
         ckpt.write_checkpoint(str(tmp_path), 10, plan, optimizer, state)
     assert ckpt.latest_checkpoint(str(tmp_path)) == before
-    assert ckpt.read_checkpoint(before)[3]["step"] == 5
+    assert ckpt.read_checkpoint(before)[3]["step"] == 6
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
 
 
@@ -267,6 +268,15 @@ def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process,
     torch.testing.assert_close(sft_logits(tmp_path / "adapter", model_folder, True),
                                sft_logits(tmp_path / "adapter", model_folder, False), rtol=0, atol=1e-6)
 
+    # its step-10 checkpoint resumed under another engine (one process) ends where the run ended
+    uninterrupted = adapter_tensors(tmp_path)
+    shutil.rmtree(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000020")
+    main(sft_arguments(sft_data, tmp_path, "--engine", "local", "--checkpoint-every", "10", "--resume"))
+    resumed = adapter_tensors(tmp_path)
+    for key, value in uninterrupted.items():
+        assert torch.linalg.norm(resumed[key] - value) / torch.linalg.norm(value) < 1e-4, key
+
 
 # --- bad input --------------------------------------------------------------------------------------
 
@@ -277,12 +287,13 @@ def test_too_little_data_for_the_gradient_steps(data, tmp_path):
 
 def test_no_target_module_in_the_model(data, tmp_path):
     with pytest.raises(ValueError, match=r"no module matches target_modules=\['qkv_proj'\]"):
-        main(arguments(data, tmp_path, "--gora.target_modules", '["qkv_proj"]', "--init-only"))
+        main(arguments(data, tmp_path / "out", "--gora.target_modules", '["qkv_proj"]', "--init-only"))
+    assert not (tmp_path / "out").exists()  # refused after the model loaded: nothing written, not even the folder
 
 
 def test_resume_with_other_target_modules_is_refused(data, tmp_path):
     main(arguments(data, tmp_path, "--checkpoint-every", "3", steps=4))
-    with pytest.raises(ValueError, match=r"cannot resume from .*step-000003: target_modules \[.*\] there, \['q_proj'\] here"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*step-000004: target_modules \[.*\] there, \['q_proj'\] here"):
         main(arguments(data, tmp_path, "--resume", "--gora.target_modules", '["q_proj"]', steps=4))
     with pytest.raises(ValueError, match=r"--resume: no complete checkpoint"):
         main(arguments(data, tmp_path / "empty", "--resume"))

@@ -4,6 +4,11 @@ DeepSpeed config checks."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -12,7 +17,11 @@ from conftest import save_tiny_causal_lm, tiny_llama, lm_batches, write_sft_reco
 from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.config import load_config
 from gora_dist.launcher.gradients import NonFiniteStep, clip_coefficient, scale_gradients, torch_grad_norm
+from gora_dist.launcher.preemption import PREEMPTED_EXIT
 from gora_dist.launcher.runner import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +30,8 @@ def sft_folder(tmp_path_factory):
     return write_sft_records(str(folder / "animals.jsonl"), count=120), save_tiny_causal_lm(str(folder / "model"))
 
 
-def sft_run(sft_folder, out, *extra, steps=10):
-    data, model = sft_folder
+def sft_run(sft_folder, out, *extra, steps=10, data=None):
+    data, model = data or sft_folder[0], sft_folder[1]
     return ["--model", model, "--task", "sft", "--data", data, "--output-dir", str(out), "--steps", str(steps),
             "--train-examples", "100", "--eval-examples", "8", "--gora.grad_steps", "2", "--max-new-tokens", "4", *extra]
 
@@ -57,10 +66,11 @@ def test_a_diverging_run_stops_at_the_first_nonfinite_step_and_keeps_the_last_go
 
     # --skip-nonfinite: the same run ends, each bad step counted and its update skipped
     skipping = tmp_path / "skipping"
-    main(sft_run(sft_folder, skipping, "--lr", "1e8", "--checkpoint-every", "2", "--skip-nonfinite", steps=5))
+    main(sft_run(sft_folder, skipping, "--lr", "1e8", "--checkpoint-every", "2", "--keep-checkpoints", "3",
+                 "--skip-nonfinite", steps=5))
     metrics = json.loads((skipping / "metrics.json").read_text())
     assert metrics["skipped_steps"] == [3, 4, 5] and metrics["losses"][2:] == [None, None, None]
-    after = ckpt.read_checkpoint(ckpt.latest_checkpoint(str(skipping)))[1]  # step 4: nothing changed since 2
+    after = ckpt.read_checkpoint(ckpt.latest_checkpoint(str(skipping)))[1]  # step 5: nothing changed since 2
     before = ckpt.read_checkpoint(str(skipping / "checkpoints" / "step-000002"))[1]
     assert all(torch.equal(after[name][0], before[name][0]) for name in after)
 
@@ -92,3 +102,109 @@ def test_deepspeed_config_is_checked_before_anything_starts(tmp_path):
         load_config(["--engine", "zero3", "--ds-config", "missing.json"])
     with pytest.raises(ValueError, match=r"max_grad_norm=-1.0: must be >= 0"):
         load_config(["--max-grad-norm", "-1"])
+
+
+def adapter_of(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def test_resume_checks_what_it_resumes_and_never_goes_back(sft_folder, tmp_path):
+    run = tmp_path / "run"
+    main(sft_run(sft_folder, run, "--checkpoint-every", "3", steps=6))
+    finished = json.loads((run / "metrics.json").read_text())
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-000003", "step-000006"]  # the last step too
+
+    # what sets the data order or the objective: refused, every difference listed
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(reversed(open(sft_folder[0]).readlines())))  # the same records, another order
+    with pytest.raises(ValueError, match=r"differs in what sets the data order.*data_fingerprint: .*global_batch_size: 8 "
+                                         r"there, 4 here.*seed: 0 there, 1 here.*--resume-changes ok"):
+        main(sft_run(sft_folder, run, "--resume", "--seed", "1", "--global-batch-size", "4", steps=8, data=str(other)))
+    with pytest.raises(ValueError, match=r"at step 6, past steps=4; a resume never goes back.*--steps 6 or more"):
+        main(sft_run(sft_folder, run, "--resume", steps=4))
+    assert adapter_of(run).keys() and json.loads((run / "metrics.json").read_text()) == finished  # untouched
+
+    # the finished run resumed: nothing to train, the same adapter, the whole run's losses
+    before = adapter_of(run)
+    main(sft_run(sft_folder, run, "--resume", steps=6))
+    assert all(torch.equal(before[key], value) for key, value in adapter_of(run).items())
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["losses"] == finished["losses"] and again["resumed_at"] == [6]
+    assert again["exact_match_before"] == finished["exact_match_before"]
+
+    # lr and steps may change: named in the log; the metrics hold all 8 steps
+    main(sft_run(sft_folder, run, "--resume", "--lr", "1e-3", steps=8))
+    longer = json.loads((run / "metrics.json").read_text())
+    assert len(longer["losses"]) == 8 and longer["losses"][:6] == finished["losses"] and longer["resumed_at"] == [6]
+
+    # a fresh run into the used folder is refused; --overwrite clears the earlier run first
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints, adapter, metrics.json.*--overwrite"):
+        main(sft_run(sft_folder, run, steps=2))
+    main(sft_run(sft_folder, run, "--overwrite", "--checkpoint-every", "1", steps=2))
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-000001", "step-000002"]
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes(sft_folder, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    main(sft_run(sft_folder, straight, "--checkpoint-every", "2", "--keep-checkpoints", "3", steps=6))
+    damaged = tmp_path / "damaged"
+    main(sft_run(sft_folder, damaged, "--checkpoint-every", "2", "--keep-checkpoints", "3", steps=6))
+    optimizer = damaged / "checkpoints" / "step-000006" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # torn
+    with pytest.raises(ValueError, match=r"step-000006/optimizer.safetensors cannot be read"):
+        ckpt.read_checkpoint(str(damaged / "checkpoints" / "step-000006"))
+    capsys.readouterr()
+    main(sft_run(sft_folder, damaged, "--resume", "--checkpoint-every", "2", "--keep-checkpoints", "3", steps=6))
+    said = capsys.readouterr().out
+    assert "checkpoint step-000006 is damaged" in said and "optimizer.safetensors" in said
+    assert "resuming from" in said and "step-000004 at step 4" in said
+    reference, resumed = adapter_of(straight), adapter_of(damaged)
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)  # steps 5-6 again, bit for bit
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_the_resume_continues_exactly(sft_folder, tmp_path):
+    """What a scheduler does before preemption: SIGTERM mid-training. The step in progress finishes,
+    a checkpoint is written at it, the process exits 75 saying so; --resume then reaches the
+    uninterrupted run's adapter bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the stopped process (OMP_NUM_THREADS=1): the same float32 sums, bit for bit
+    try:
+        _preempt_and_resume(sft_folder, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _preempt_and_resume(sft_folder, tmp_path):
+    straight = tmp_path / "straight"
+    main(sft_run(sft_folder, straight, "--checkpoint-every", "0", steps=120))
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, TRAIN, *sft_run(sft_folder, stopped, "--checkpoint-every", "0", steps=120)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while not (stopped / "init" / "gora.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT, (out + err)[-3000:]
+    step = int(re.search(r"stopped by SIGTERM after step (\d+); checkpoint .*step-0*\1 written", err).group(1))
+    assert 0 < step < 120 and "Traceback" not in err
+    assert not (stopped / "adapter").exists()
+    main(sft_run(sft_folder, stopped, "--resume", "--checkpoint-every", "0", steps=120))
+    reference, resumed = adapter_of(straight), adapter_of(stopped)
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    assert metrics["resumed_at"] == [step] and len(metrics["losses"]) == 120
+
+
+def test_the_command_answers_people(tmp_path):
+    """--help lists every option with its docstring; a user error is one message and exit 2."""
+    shown = subprocess.run([sys.executable, TRAIN, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--max-grad-norm [1.0]" in shown.stdout and "--gora.rank_max" in shown.stdout
+    assert "Clip the global gradient norm" in shown.stdout
+    wrong = subprocess.run([sys.executable, TRAIN, "--stepz", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "error: unknown option 'stepz'; did you mean 'steps'?" in wrong.stderr

@@ -102,6 +102,15 @@ def test_datasets_files_with_other_field_names_equal_the_jsonl(smol, tmp_path):
         assert [e.response_mask for e in examples] == [e.response_mask for e in reference]
 
 
+def test_a_csv_with_numbers_as_answers_is_read_as_written(smol, tmp_path):
+    """The datasets library would read 3 and 5.00 as numbers; the launcher reads every CSV column as
+    the text in the file."""
+    (tmp_path / "sums.csv").write_text('prompt,completion\n"1+2=",3\n"2.50*2=",5.00\n"0-0=",0\n')
+    train, held_out = sft_records(str(tmp_path / "sums.csv"), None, 1)
+    assert sorted(fields["completion"] for _, fields in train + held_out) == ["0", "3", "5.00"]
+    tokenize_records(smol, train, FIELDS, 128, False)  # usable as responses
+
+
 # --- length ---------------------------------------------------------------------------------------
 
 def test_a_long_prompt_loses_its_start_and_the_response_is_kept(smol):
@@ -334,12 +343,14 @@ BAD_INPUTS = [
     ("utf-8", [json.dumps(GOOD).encode() + b"\n", b'{"prompt": "caf\xe9", "completion": " 1"}\n'],
      r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"),
     ("json", [json.dumps(GOOD).encode() + b"\n", b'{"prompt": "Q", \n'], r"bad.jsonl:2: not valid JSON"),
+    ("duplicate key", [json.dumps(GOOD).encode() + b"\n", b'{"prompt": "Q", "completion": " 1", "prompt": "R"}\n'],
+     r"bad.jsonl:2: the key 'prompt' appears twice in one object"),
 ]
 
 
 @pytest.mark.parametrize("name, lines, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_named_before_any_process_group(tmp_path, name, lines, message):
-    path = write(tmp_path / "bad.jsonl", lines, raw=name in ("utf-8", "json"))
+    path = write(tmp_path / "bad.jsonl", lines, raw=name in ("utf-8", "json", "duplicate key"))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
         main(["--model", "tiny-llama", "--task", "sft", "--data", path, "--eval-data", path, "--output-dir", str(out),

@@ -29,6 +29,10 @@ def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def checkpoint_path(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_root(output_dir), f"step-{step:06d}")
+
+
 def _fsync_tree(folder: str) -> None:
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
@@ -54,7 +58,7 @@ def write_checkpoint(output_dir: str, step: int, plan: GoRAPlan, optimizer_state
     check_finite(plan, optimizer_state, f"checkpoint at step {step}")
     root = checkpoint_root(output_dir)
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step-{step:06d}")
+    final = checkpoint_path(output_dir, step)
     staging = tempfile.mkdtemp(prefix=".tmp-step-", dir=root)
     try:
         adapter_dir = os.path.join(staging, "adapter")
@@ -77,12 +81,23 @@ def write_checkpoint(output_dir: str, step: int, plan: GoRAPlan, optimizer_state
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(pointer, os.path.join(root, LATEST))
-    _prune(root, keep, keep_name=os.path.basename(final))
+    _prune(root, keep, keep_name=os.path.basename(final), run_id=trainer_state.get("run_id"))
     return final
 
 
-def _prune(root: str, keep: int, keep_name: str) -> None:
-    steps = sorted(name for name in os.listdir(root) if name.startswith("step-"))
+def run_id_of(folder: str) -> Optional[str]:
+    """The run id a checkpoint folder was written by (None: unreadable, or from before run ids)."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as handle:
+            return json.load(handle).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _prune(root: str, keep: int, keep_name: str, run_id: Optional[str]) -> None:
+    """Keep the newest ``keep`` checkpoints of this run (another run's are never counted or removed)."""
+    steps = sorted(name for name in os.listdir(root) if name.startswith("step-")
+                   and run_id_of(os.path.join(root, name)) == run_id)
     for name in steps[:-keep] if keep > 0 else []:
         if name != keep_name:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -100,20 +115,56 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return path if os.path.isdir(path) else None
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read; the message names the file."""
+
+
+def _read(path: str, reader):
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path} is missing") from None
+    except Exception as error:  # safetensors' and json's errors: a torn or damaged file
+        raise DamagedCheckpoint(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def read_checkpoint(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor]], Dict[str, torch.Tensor], dict]:
     """(gora.json, {module: (A, B)}, optimizer tensors, trainer_state); trainer_state["saved_state"]
-    holds the full weights of modules_to_save ({"classifier.weight": ...})."""
+    holds the full weights of modules_to_save ({"classifier.weight": ...}). A file that cannot be
+    read raises :class:`DamagedCheckpoint` naming it."""
     adapter_dir = os.path.join(path, "adapter")
-    with open(os.path.join(adapter_dir, "gora.json")) as handle:
-        gora = json.load(handle)
-    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    gora = _read(os.path.join(adapter_dir, "gora.json"), _read_json)
+    tensors = _read(os.path.join(adapter_dir, "adapter_model.safetensors"), load_file)
     weights = {}
     for name, rank in gora["rank_map"].items():
         if rank:
-            weights[name] = (tensors[f"base_model.model.{name}.lora_A.weight"],
-                             tensors[f"base_model.model.{name}.lora_B.weight"])
-    optimizer = load_file(os.path.join(path, "optimizer.safetensors"))
-    with open(os.path.join(path, "trainer_state.json")) as handle:
-        state = json.load(handle)
+            keys = (f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight")
+            if any(key not in tensors for key in keys):
+                raise DamagedCheckpoint(f"{adapter_dir}/adapter_model.safetensors lacks {name}'s adapter")
+            weights[name] = (tensors[keys[0]], tensors[keys[1]])
+    optimizer = _read(os.path.join(path, "optimizer.safetensors"), load_file)
+    state = _read(os.path.join(path, "trainer_state.json"), _read_json)
     state["saved_state"] = {key[len("base_model.model."):]: value for key, value in tensors.items() if ".lora_" not in key}
     return gora, weights, optimizer, state
+
+
+def newest_readable_checkpoint(output_dir: str, warn) -> Optional[Tuple[str, tuple]]:
+    """(folder, read_checkpoint's tuple) of the newest checkpoint that reads whole: ``latest`` first,
+    then the others from the newest step down; each damaged one is reported through ``warn``."""
+    root = checkpoint_root(output_dir)
+    latest = latest_checkpoint(output_dir)
+    others = sorted((name for name in (os.listdir(root) if os.path.isdir(root) else []) if name.startswith("step-")),
+                    reverse=True)
+    candidates = ([latest] if latest else []) + [os.path.join(root, name) for name in others
+                                                 if os.path.join(root, name) != latest]
+    for path in candidates:
+        try:
+            return path, read_checkpoint(path)
+        except DamagedCheckpoint as error:
+            warn(f"warning: checkpoint {os.path.basename(path)} is damaged ({error}); trying the one before it")
+    return None

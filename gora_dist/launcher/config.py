@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from gora_dist.config import GoRAConfig
+from gora_dist.launcher.ds_config import check_ds_config, read_ds_config
 from gora_dist.launcher.optimization import SCHEDULES
 from gora_dist.launcher.tasks.answers import MATCH_MODES
 
@@ -77,7 +78,14 @@ class TrainConfig:
     init_only: bool = False
     """Stop after GoRA's init and save the initial adapter (PEFT format) in output_dir/init."""
     resume: bool = False
-    """Continue from the last complete checkpoint in output_dir (any world size)."""
+    """Continue from the last complete checkpoint in output_dir (any world size, any engine). The
+    run's data, split, seed, global batch, max_length, task and GoRA options must be the checkpoint's
+    (differences are listed); lr, schedule and steps may change."""
+    resume_changes: str = "refuse"
+    """``ok``: resume even though options that set the data order or the objective differ."""
+    overwrite: bool = False
+    """Clear output_dir's checkpoints, adapter and metrics of an earlier run before a fresh start
+    (without it a fresh run refuses a folder holding them)."""
     seed: int = 0
     """Seeds data order and A0: the same command at any world size sees the same data."""
 
@@ -140,7 +148,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for option, value, choices in (("engine", self.engine, ENGINES), ("precision", self.precision, PRECISIONS),
                                        ("task", self.task, TASKS), ("answer_match", self.answer_match, MATCH_MODES),
-                                       ("lr_schedule", self.lr_schedule, SCHEDULES)):
+                                       ("lr_schedule", self.lr_schedule, SCHEDULES),
+                                       ("resume_changes", self.resume_changes, ("refuse", "ok"))):
             if value not in choices:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
         if self.max_length == 0:
@@ -176,34 +185,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def read_ds_config(path: str) -> dict:
-    """A DeepSpeed JSON config; a missing file or invalid JSON named with the parser's line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"ds_config={path!r}: no such file")
-    with open(path) as handle:
-        try:
-            found = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"ds_config {path}, line {error.lineno} column {error.colno}: invalid JSON "
-                             f"({error.msg})") from None
-    if not isinstance(found, dict):
-        raise ValueError(f"ds_config {path}: expected a JSON object, got {type(found).__name__}")
-    return found
-
-
-def check_ds_config(found: dict, config: "TrainConfig") -> None:
-    """A DeepSpeed config only where DeepSpeed runs, and no clipping of its own that differs from
-    max_grad_norm (the one rule of every engine)."""
-    if config.engine in ("local", "ddp", "fsdp2"):
-        raise ValueError(f"ds_config={config.ds_config!r} with engine={config.engine}: only the zero engines read "
-                         "it; drop --ds-config or use --engine zero3/zero2")
-    clipping = found.get("gradient_clipping")
-    if clipping not in (None, "auto") and float(clipping) != config.max_grad_norm:
-        raise ValueError(f"ds_config {config.ds_config}: gradient_clipping={clipping} differs from "
-                         f"max_grad_norm={config.max_grad_norm}; the launcher clips every engine by --max-grad-norm "
-                         f"(0 turns it off): pass --max-grad-norm {clipping}, or drop gradient_clipping from the file")
 
 
 def _known_keys() -> List[str]:

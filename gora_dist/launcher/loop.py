@@ -11,10 +11,11 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from gora_dist.launcher.checkpoint import latest_checkpoint, write_checkpoint
+from gora_dist.launcher.checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
 from gora_dist.launcher.config import TrainConfig
 from gora_dist.launcher.gradients import NonFiniteStep, is_finite_step, nonfinite_message
 from gora_dist.launcher.planning import Start
+from gora_dist.launcher.preemption import Preempted, StopSignals
 from gora_dist.launcher.processes import Setup
 from gora_dist.launcher.tasks import Task
 from gora_dist.launcher.tasks.base import all_sum, rank_batches, scores_text
@@ -35,26 +36,28 @@ class Trained:
     scores: dict
 
 
-def train(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict) -> Trained:
+def train(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict,
+          signals: StopSignals) -> Trained:
     """Evaluate, train from ``start.step`` to ``config.steps``, evaluate. ``record``: the run's
-    options, saved in each checkpoint."""
+    options, saved in each checkpoint. The metrics hold the whole run, resumed segments included.
+    ``signals``: the stop signals noted since the run began (acted on at the next step's end)."""
     eval_batch = config.eval_batch_size or setup.micro
-    metrics: dict = {}
+    history = {"losses": [], "grad_norms": [], "skipped_steps": [], "resumed_at": [], **start.history}
     samples: Dict[str, List[dict]] = {"base": [], "before": []}
     phase("evaluation")
     if start.step == 0 and config.eval_base:
         with adapters_disabled(trainer.model):
             scores, samples["base"] = evaluate(trainer, task, setup, eval_batch)
-        metrics.update({f"{name}_base": value for name, value in scores.items()})
+        history.update({f"{name}_base": value for name, value in scores.items()})
         setup.say("base model (adapters off): " + scores_text(scores))
     if start.step == 0:
         scores, samples["before"] = evaluate(trainer, task, setup, eval_batch)
-        metrics.update({f"{name}_before": value for name, value in scores.items()})
+        history.update({f"{name}_before": value for name, value in scores.items()})
         setup.say("before training: " + scores_text(scores))
-    metrics.update(_steps(trainer, task, config, setup, start, record, eval_batch))
+    _steps(trainer, task, config, setup, start, record, eval_batch, history, signals)
     phase("evaluation")
     scores, samples["after"] = evaluate(trainer, task, setup, eval_batch)
-    metrics.update({f"{name}_after": value for name, value in scores.items()})
+    metrics = {**history, "step": config.steps, **{f"{name}_after": value for name, value in scores.items()}}
     return Trained(metrics, samples, scores)
 
 
@@ -65,46 +68,48 @@ def evaluate(trainer, task: Task, setup: Setup, batch_size: int):
 
 
 def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict,
-           eval_batch: int) -> dict:
-    """The optimizer steps: {"losses", "grad_norms", "skipped_steps"}, each step's loss averaged over
-    ranks and its gradient norm taken before clipping. Training draws stream 0 of the global batches,
-    from its first batch whatever the start: a resume sees the same data. A step whose loss or norm
-    is not finite stops the run before its update (every rank agrees: both values are global), or
-    with skip_nonfinite skips it."""
+           eval_batch: int, history: dict, signals: StopSignals) -> None:
+    """The optimizer steps, appended to ``history`` (saved in each checkpoint): each step's loss
+    averaged over ranks, its gradient norm before clipping, the steps skipped. Training draws stream 0
+    of the global batches, from its first batch whatever the start: a resume sees the same data. A
+    step whose loss or norm is not finite stops the run before its update (every rank agrees: both
+    values are global), or with skip_nonfinite skips it. SIGTERM/SIGUSR1 on any rank: the step in
+    progress finishes, a checkpoint is written, :class:`Preempted` is raised."""
     stream = global_batch_indices(len(task.train), config.global_batch_size, config.seed, stream=0)
     for _ in range(start.step):
         next(stream)
-    losses, norms, skipped = [], [], []
     bar = setup.progress(range(start.step, config.steps), desc="training", unit="step")
     for step in bar:
+        done = step + 1
         phase("training")
         trainer.train_mode(True)  # dropout on (evaluate switches it off)
         # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
         torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
         micro_losses = [trainer.micro_step(to_device(batch, setup.device), setup.accumulation)
                         for batch in rank_batches(task, next(stream), setup)]
-        loss = all_sum([sum(micro_losses) / len(micro_losses)], setup)[0] / setup.world
+        loss_sum, stops = all_sum([sum(micro_losses) / len(micro_losses), signals.flag], setup)
+        loss = loss_sum / setup.world
         norm = trainer.gradient_norm()
         finite = is_finite_step(loss, norm)
         if not finite and not config.skip_nonfinite:
-            raise NonFiniteStep(nonfinite_message(step + 1, loss, norm, latest_checkpoint(config.output_dir)))
+            raise NonFiniteStep(nonfinite_message(done, loss, norm, latest_checkpoint(config.output_dir)))
         trainer.optimizer_step(norm, skip=not finite)
         if not finite:
-            skipped.append(step + 1)
-            setup.say(f"step {step + 1}: loss {loss}, gradient norm {norm} (not finite): update skipped "
-                      f"({len(skipped)} so far)")
-        losses.append(loss)
-        norms.append(norm)
+            history["skipped_steps"].append(done)
+            setup.say(f"step {done}: loss {loss}, gradient norm {norm} (not finite): update skipped "
+                      f"({len(history['skipped_steps'])} so far)")
+        history["losses"].append(finite_or_none(loss))
+        history["grad_norms"].append(finite_or_none(norm))
         if setup.main and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss:.4f}")
-        done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             setup.say(f"step {done}: " + scores_text(evaluate(trainer, task, setup, eval_batch)[0]))
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+        due = config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps)
+        if due or stops:
             phase("checkpoint")
-            _checkpoint(trainer, start.plan, config, setup, done, record)
-    return {"losses": [finite_or_none(value) for value in losses], "grad_norms": [finite_or_none(v) for v in norms],
-            "skipped_steps": skipped}
+            path = _checkpoint(trainer, start, config, setup, done, record, history)
+        if stops:
+            raise Preempted(done, path, signals.name())
 
 
 def finite_or_none(value: float):
@@ -112,13 +117,16 @@ def finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
 
-def _checkpoint(trainer, plan: GoRAPlan, config: TrainConfig, setup: Setup, step: int, record: dict) -> None:
-    """Every rank joins the gathers; rank 0 writes; all wait for it."""
-    current = GoRAPlan.from_trainable(plan.report, trainer.full_trainable())
+def _checkpoint(trainer, start: Start, config: TrainConfig, setup: Setup, step: int, record: dict,
+                history: dict) -> str:
+    """Every rank joins the gathers; rank 0 writes; all wait for it. Returns the checkpoint's folder."""
+    current = GoRAPlan.from_trainable(start.plan.report, trainer.full_trainable())
     optimizer_state = trainer.full_optimizer_state()
+    path = checkpoint_path(config.output_dir, step)
     if setup.main:
         write_checkpoint(config.output_dir, step, current, optimizer_state,
-                         {"model": config.model, "world_size": setup.world, "config": record},
-                         keep=config.keep_checkpoints)
+                         {"model": config.model, "world_size": setup.world, "config": record, "run_id": start.run_id,
+                          "history": history}, keep=config.keep_checkpoints)
     if setup.world > 1:
         dist.barrier()
+    return path

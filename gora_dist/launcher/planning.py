@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from gora_dist.config import GoRAConfig
-from gora_dist.launcher.checkpoint import latest_checkpoint, read_checkpoint
+from gora_dist.launcher.checkpoint import newest_readable_checkpoint
 from gora_dist.launcher.config import TrainConfig
 from gora_dist.launcher.models import checkpointing_in_eval_mode
 from gora_dist.launcher.processes import Setup, deepspeed_config
+from gora_dist.launcher.resume_check import data_fingerprint, record_changes
 from gora_dist.launcher.targets import resolve_targets
 from gora_dist.launcher.tasks import Task
 from gora_dist.launcher.tasks.base import rank_batches
@@ -36,6 +38,10 @@ class Start:
     plan: GoRAPlan
     step: int = 0
     optimizer_state: Optional[Dict[str, torch.Tensor]] = None
+    history: dict = dataclasses.field(default_factory=dict)
+    """The steps before ``step``: {"losses", "grad_norms", "skipped_steps", "resumed_at"}."""
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """The run's id, kept across resumes: checkpoints carry it and pruning counts only this run's."""
 
 
 def resolve_gora(config: TrainConfig, model: nn.Module, setup: Setup) -> GoRAConfig:
@@ -56,11 +62,15 @@ def run_record(config: TrainConfig, gora: GoRAConfig) -> dict:
     stays in global batches, so the record can be run again."""
     record = config.to_dict()
     record["gora"]["target_modules"] = gora.to_dict()["target_modules"]
+    record["data_fingerprint"] = data_fingerprint(config.data)
     return record
 
 
-def plan_or_resume(model: nn.Module, task: Task, config: TrainConfig, gora: GoRAConfig, setup: Setup) -> Start:
-    return _resume(config, gora, setup) if config.resume else Start(_estimate(model, task, config, gora, setup))
+def plan_or_resume(model: nn.Module, task: Task, config: TrainConfig, gora: GoRAConfig, setup: Setup,
+                   record: dict) -> Start:
+    if config.resume:
+        return _resume(config, gora, setup, record)
+    return Start(_estimate(model, task, config, gora, setup))
 
 
 def _estimate(model: nn.Module, task: Task, config: TrainConfig, gora: GoRAConfig, setup: Setup) -> GoRAPlan:
@@ -105,13 +115,14 @@ def _estimation_batches(task: Task, config: TrainConfig, setup: Setup, global_ba
             yield batch
 
 
-def _resume(config: TrainConfig, gora: GoRAConfig, setup: Setup) -> Start:
+def _resume(config: TrainConfig, gora: GoRAConfig, setup: Setup, record: dict) -> Start:
     """The last complete checkpoint's adapters, saved modules and optimizer state, at any world size;
-    refused when it was made for another model or other target modules."""
-    path = latest_checkpoint(config.output_dir)
-    if path is None:
+    refused when it was made for another model, other target modules, or (unless resume_changes is
+    ok) other data, split, seed, batch, length, task or GoRA options; never a step past ``steps``."""
+    found = newest_readable_checkpoint(config.output_dir, setup.say)
+    if found is None:
         raise ValueError(f"--resume: no complete checkpoint under {config.output_dir}/checkpoints")
-    saved, weights, optimizer_state, state = read_checkpoint(path)
+    path, (saved, weights, optimizer_state, state) = found
     problems = []
     if state.get("model") != config.model:
         problems.append(f"model {state.get('model')!r} there, {config.model!r} here")
@@ -120,6 +131,19 @@ def _resume(config: TrainConfig, gora: GoRAConfig, setup: Setup) -> Start:
         problems.append(f"target_modules {saved['config']['target_modules']} there, {wanted} here")
     if problems:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
+    refused, allowed = record_changes(state.get("config", {}), record)
+    if refused and config.resume_changes != "ok":
+        raise ValueError(f"cannot resume from {path}: the run there differs in what sets the data order or the "
+                         f"objective: {'; '.join(refused)}. Pass --resume-changes ok to resume anyway, or run the "
+                         "checkpoint's options")
+    for change in refused + allowed:
+        setup.say(f"resuming with a changed option: {change}")
+    if state["step"] > config.steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past steps={config.steps}; a "
+                         f"resume never goes back to an earlier step: pass --steps {state['step']} or more")
     plan = GoRAPlan.from_adapters(GoRAReport.from_dict(saved), weights, state.pop("saved_state"))
     setup.say(f"resuming from {path} at step {state['step']} (world size {state.get('world_size')} -> {setup.world})")
-    return Start(plan, state["step"], optimizer_state)
+    history = dict(state.get("history", {}))
+    history["resumed_at"] = list(history.get("resumed_at", [])) + [state["step"]]
+    kept = {"run_id": state["run_id"]} if state.get("run_id") else {}
+    return Start(plan, state["step"], optimizer_state, history, **kept)

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from gora_dist.engines.choice import choose_engine
-from gora_dist.launcher.config import TrainConfig, read_ds_config
+from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.ds_config import read_ds_config
 from gora_dist.memory_trace import write_now as write_memory_trace
 
 

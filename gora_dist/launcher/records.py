@@ -34,7 +34,7 @@ def read_jsonl(path: str) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_no_duplicate_keys(where))
             except json.JSONDecodeError as problem:
                 raise ValueError(f"{where}: not valid JSON ({problem.msg} at column {problem.colno})") from None
             if not isinstance(record, dict):
@@ -60,6 +60,9 @@ def read_with_datasets(path: str) -> List[Record]:
             kind = DATASETS_FORMATS[os.path.splitext(path)[1].lower()]
             if kind == "arrow":
                 table = datasets.Dataset.from_file(path, in_memory=True)
+            elif kind == "csv":  # every column as text, as written: an answer "5.00" stays "5.00", "" stays ""
+                table = datasets.load_dataset(kind, data_files=path, split="train", cache_dir=cache,
+                                              features=_text_columns(path), keep_default_na=False)
             else:
                 table = datasets.load_dataset(kind, data_files=path, split="train", cache_dir=cache)
         return [(f"{path} record {index}", dict(row)) for index, row in enumerate(table)]
@@ -69,6 +72,31 @@ def read_with_datasets(path: str) -> List[Record]:
         raise ValueError(f"{path}: the datasets library could not read it: {type(problem).__name__}: {problem}") from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def _text_columns(path: str):
+    """datasets Features reading each column of a CSV file (named by its header) as a string."""
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), None)
+    if not header:
+        raise ValueError(f"{path}: an empty CSV file (no header line)")
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _no_duplicate_keys(where: str):
+    def build(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"{where}: the key {repeated[0]!r} appears twice in one object; JSON readers keep only one "
+                             "of them, so the record is ambiguous")
+        return dict(pairs)
+
+    return build
 
 
 def read_records(path: str) -> List[Record]:

@@ -10,6 +10,7 @@ from typing import Dict, List
 
 from gora_dist.launcher.checkpoint import check_finite
 from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.files import write_atomically, write_json
 from gora_dist.launcher.loop import Trained
 from gora_dist.launcher.processes import Setup
 from gora_dist.launcher.tasks.base import scores_text
@@ -31,8 +32,7 @@ def save_final_adapter(trainer, plan: GoRAPlan, trained: Trained, metrics: dict,
         if trained.samples["after"]:
             _write_generations(os.path.join(out, "generations.jsonl"), trained.samples)
         metrics["wall_s"] = time.perf_counter() - started
-        with open(os.path.join(out, "metrics.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2)
+        write_json(os.path.join(out, "metrics.json"), metrics)
     setup.say(f"after training: {scores_text(trained.scores)}; adapter in {os.path.join(out, 'adapter')}")
 
 
@@ -44,6 +44,5 @@ def _write_generations(path: str, samples: Dict[str, List[dict]]) -> None:
         for sample in samples[stage]:
             row = rows.setdefault(sample["index"], {key: sample[key] for key in ("index", "origin", "prompt", "reference")})
             row.update({stage: sample["generation"], f"match_{stage}": sample["match"]})
-    with open(path, "w") as handle:
-        for index in sorted(rows):
-            handle.write(json.dumps(rows[index], ensure_ascii=False) + "\n")
+    write_atomically(path, lambda handle: handle.writelines(json.dumps(rows[index], ensure_ascii=False) + "\n"
+                                                            for index in sorted(rows)))
