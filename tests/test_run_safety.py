@@ -208,3 +208,68 @@ def test_the_command_answers_people(tmp_path):
     wrong = subprocess.run([sys.executable, TRAIN, "--stepz", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "error: unknown option 'stepz'; did you mean 'steps'?" in wrong.stderr
+
+
+def worker_of_rank(launcher_pid: int, rank: int, deadline: float) -> int:
+    """The pid of torchrun's worker process with RANK=rank (found through /proc)."""
+    while time.monotonic() < deadline:
+        for task in os.listdir(f"/proc/{launcher_pid}/task"):
+            for child in open(f"/proc/{launcher_pid}/task/{task}/children").read().split():
+                try:
+                    environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(sft_folder, tmp_path):
+    """Two ranks under torchrun; SIGUSR1 reaches rank 1 only. Rank 0 learns of it through the step's
+    loss all-reduce: both finish that step, one checkpoint is written at it, both exit 75 (torchrun
+    then reports its workers' failure), nothing hangs."""
+    import shutil
+
+    out = tmp_path / "two"
+    process = subprocess.Popen([shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", TRAIN,
+                                *sft_run(sft_folder, out, "--engine", "ddp", "--checkpoint-every", "0", steps=400)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    rank_one = worker_of_rank(process.pid, 1, deadline)
+    while not (out / "init" / "gora.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(rank_one, signal.SIGUSR1)
+    out_text, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and "exitcode  : 75" in err, (out_text + err)[-3000:]
+    step = int(re.search(r"stopped by a stop signal on another rank after step (\d+)", err).group(1))
+    assert 0 < step < 400 and sorted(os.listdir(out / "checkpoints")) == ["latest", f"step-{step:06d}"]
+    assert ckpt.read_checkpoint(ckpt.latest_checkpoint(str(out)))[3]["world_size"] == 2
+
+
+def test_config_files_that_do_not_parse_are_named_by_line(tmp_path):
+    broken = tmp_path / "run.yaml"
+    broken.write_text("steps: 10\nlr: [1e-3\nseed: 1\n")
+    with pytest.raises(ValueError, match=rf"config file {broken}, line \d+ column \d+: invalid YAML"):
+        load_config([str(broken)])
+    broken_json = tmp_path / "run.json"
+    broken_json.write_text('{"steps": 10,\n "lr": }\n')
+    with pytest.raises(ValueError, match=rf"config file {broken_json}, line 2 column 8: invalid JSON"):
+        load_config([str(broken_json)])
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+    from gora_dist.launcher.files import write_atomically, write_json
+
+    path = tmp_path / "metrics.json"
+    write_json(str(path), {"losses": [1.0, 0.5]})
+
+    def full_disk(stream):
+        stream.write('{"losses": [')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(str(path), full_disk)
+    assert json.loads(path.read_text()) == {"losses": [1.0, 0.5]} and os.listdir(tmp_path) == ["metrics.json"]

@@ -218,12 +218,27 @@ def _parse_value(text: str, current: Any) -> Any:
 
 
 def _read_file(path: str) -> dict:
+    """A YAML or JSON config file; a parse error names the file and the parser's line."""
     with open(path) as handle:
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            return yaml.safe_load(handle) or {}
-        return json.load(handle)
+            try:
+                found = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+                raise ValueError(f"config file {path}{where}: invalid YAML ({getattr(error, 'problem', None) or error})") \
+                    from None
+        else:
+            try:
+                found = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"config file {path}, line {error.lineno} column {error.colno}: invalid JSON "
+                                 f"({error.msg})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"config file {path}: expected a mapping of options, got {type(found).__name__}")
+    return found
 
 
 def load_config(argv: List[str]) -> TrainConfig:
