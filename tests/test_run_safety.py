@@ -273,3 +273,26 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_atomically(str(path), full_disk)
     assert json.loads(path.read_text()) == {"losses": [1.0, 0.5]} and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_zero3_skips_the_same_nonfinite_steps_as_one_process(sft_folder, tmp_path):
+    """DeepSpeed's own step skips an update whose norm is not finite; the launcher counts the step in
+    the schedule as torch's engines do, so ZeRO-3 at world 2 logs what one process logs."""
+    pytest.importorskip("deepspeed")
+    import shutil
+
+    args = ("--lr", "1e8", "--skip-nonfinite", "--checkpoint-every", "2", "--keep-checkpoints", "3")
+    main(sft_run(sft_folder, tmp_path / "one", *args, steps=5))
+    command = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+               TRAIN, *sft_run(sft_folder, tmp_path / "zero3", "--engine", "zero3", *args, steps=5)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    one, zero3 = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "zero3"))
+    assert zero3["skipped_steps"] == one["skipped_steps"] == [3, 4, 5]
+    assert zero3["losses"][:2] == pytest.approx(one["losses"][:2], rel=1e-5)
+    read = lambda run, step: ckpt.read_checkpoint(str(tmp_path / run / "checkpoints" / f"step-{step:06d}"))[1]  # noqa: E731
+    two, four, alone = read("zero3", 2), read("zero3", 4), read("one", 2)
+    for name in two:  # the skipped steps changed nothing; step 2 is one process's (lr 1e8 magnifies rounding)
+        assert all(torch.equal(two[name][i], four[name][i]) for i in (0, 1)), name
+        assert torch.linalg.norm(two[name][1] - alone[name][1]) / torch.linalg.norm(alone[name][1]) < 1e-3, name
