@@ -108,7 +108,13 @@ def test_a_csv_with_numbers_as_answers_is_read_as_written(smol, tmp_path):
     (tmp_path / "sums.csv").write_text('prompt,completion\n"1+2=",3\n"2.50*2=",5.00\n"0-0=",0\n')
     train, held_out = sft_records(str(tmp_path / "sums.csv"), None, 1)
     assert sorted(fields["completion"] for _, fields in train + held_out) == ["0", "3", "5.00"]
-    tokenize_records(smol, train, FIELDS, 128, False)  # usable as responses
+    examples, _ = tokenize_records(smol, train, FIELDS, 128, False)  # usable as responses
+    # a JSON number as the answer is its text too
+    write(tmp_path / "sums.jsonl", [{"prompt": "1+2=", "completion": 3}, {"prompt": "1/2=", "completion": 0.5}])
+    numbers, _ = tokenize_records(smol, sft_records(str(tmp_path / "sums.jsonl"), None, 0)[0], FIELDS, 128, False)
+    responses = [smol.decode([i for i, on in zip(e.ids, e.response_mask) if on]).strip()
+                 for e in numbers]
+    assert sorted(responses) == ["0.5", "3"]
 
 
 # --- length ---------------------------------------------------------------------------------------

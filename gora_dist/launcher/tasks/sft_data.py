@@ -81,7 +81,10 @@ class LengthReport:
 # --- records -> text ------------------------------------------------------------------------------
 
 def _text_field(record: dict, name: str, origin: str) -> str:
+    """The field as text; a number (an answer written as 42 in JSON) is read as its text, "42"."""
     value = record[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
         raise ValueError(f"{origin}: field {name!r} must be a string, got {type(value).__name__}")
     return value
