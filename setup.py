@@ -34,10 +34,13 @@ setup(
         "accelerate": ["accelerate>=0.34"],
         # gora_dist.to_peft: the plan as a PEFT LoRA model
         "peft": ["peft>=0.13"],
+        # launch/train.py --report-to tensorboard | wandb (train_log.jsonl needs neither)
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         # the fused kernels (kernels/, docs/kernels.md); wheels exist for Linux only, elsewhere the torch path runs
         "triton": [TRITON],
         "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
-                 "trl>=0.20", TRITON],
+                 "trl>=0.20", "tensorboard", TRITON],
         "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
                 "trl>=0.20", "ruff", TRITON],
     },

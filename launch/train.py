@@ -18,8 +18,11 @@ With no arguments it runs the embedded job on the CPU in a few minutes: SmolLM2-
     deepspeed --hostfile hosts.txt launch/train.py
     python launch/train.py --init-only --output-dir out/      # stop after init, save the adapter
     python launch/train.py --resume --output-dir out/         # continue from out/checkpoints/latest
+    python launch/train.py --task sft --data asdiv --epochs 2 --report-to tensorboard   # 2 passes; TensorBoard too
+    python launch/train.py --help                             # every option with its docstring
 
-Every option: gora_dist/launcher/config.py (TrainConfig; GoRA's as --gora.<field>).
+Every option: --help, or gora_dist/launcher/config.py (TrainConfig; GoRA's as --gora.<field>).
+Each step is a line of OUT/train_log.jsonl (loss, lr, grad_norm, step_s, tokens, tokens/s, peak memory).
 """
 
 import os

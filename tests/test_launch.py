@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import save_tiny_causal_lm, write_reviews, write_sft_records
 from gora_dist import load_adapter
 from gora_dist.launcher import checkpoint as ckpt
-from gora_dist.launcher.config import load_config
+from gora_dist.launcher.arguments import load_config
 from gora_dist.launcher.models import load_model
 from gora_dist.launcher.tasks.classification import model_and_encoder
 from gora_dist.launcher.tokenizer import load_tokenizer

@@ -15,7 +15,7 @@ import torch
 
 from conftest import save_tiny_causal_lm, tiny_llama, lm_batches, write_sft_records
 from gora_dist.launcher import checkpoint as ckpt
-from gora_dist.launcher.config import load_config
+from gora_dist.launcher.arguments import load_config
 from gora_dist.launcher.gradients import NonFiniteStep, clip_coefficient, scale_gradients, torch_grad_norm
 from gora_dist.launcher.preemption import PREEMPTED_EXIT
 from gora_dist.launcher.runner import main

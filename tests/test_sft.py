@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from conftest import needs_package, save_tiny_causal_lm, write_sft_records
-from gora_dist.launcher.config import load_config
+from gora_dist.launcher.arguments import load_config
 from gora_dist.launcher.models import load_model
 from gora_dist.launcher.processes import resolve_precision
 from gora_dist.launcher.runner import main

@@ -1,15 +1,12 @@
-"""The launcher's one config: a dataclass with every option, from a YAML/JSON file plus ``--key value``
-overrides (GoRA's options as ``--gora.<field>``). Unknown keys are an error that suggests the
-closest known one."""
+"""The launcher's one config: a dataclass with every option and its checks (built from the command
+line by ``arguments.load_config``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import os
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 from gora_dist.config import GoRAConfig
 from gora_dist.launcher.ds_config import check_ds_config, read_ds_config
@@ -103,6 +100,10 @@ class TrainConfig:
     """Held-out examples per forward (and per generate) on one rank; 0 = micro_batch_size."""
 
     steps: int = 60
+    """Optimizer steps (of global_batch_size examples each)."""
+    epochs: float = 0.0
+    """Instead of steps: passes over the training examples, steps = ceil(epochs x examples /
+    global_batch_size), the schedule over those steps (give one of steps and epochs)."""
     lr: float = 3e-4
     """Adapters' learning rate. rsLoRA's scale α/√r (≈ 5–8 at GoRA's ranks) is several times plain
     LoRA's α/r = 2 at r = 8, so LoRA's usual 1e-3 is too high here: the embedded job at 1e-3 ended at
@@ -135,6 +136,10 @@ class TrainConfig:
     skip_nonfinite: bool = False
     """A step whose loss or gradient norm is not finite skips its update (counted in metrics.json)
     instead of stopping the run."""
+    report_to: str = "none"
+    """Where each step's line of train_log.jsonl also goes: ``none``, ``tensorboard`` (event files in
+    output_dir/tensorboard; pip install tensorboard) or ``wandb`` (offline unless WANDB_MODE says
+    otherwise; files in output_dir/wandb)."""
     timeout_s: float = 600.0
     """Timeout of the process group and of GoRA's collectives."""
     ds_config: Optional[str] = None
@@ -149,7 +154,8 @@ class TrainConfig:
         for option, value, choices in (("engine", self.engine, ENGINES), ("precision", self.precision, PRECISIONS),
                                        ("task", self.task, TASKS), ("answer_match", self.answer_match, MATCH_MODES),
                                        ("lr_schedule", self.lr_schedule, SCHEDULES),
-                                       ("resume_changes", self.resume_changes, ("refuse", "ok"))):
+                                       ("resume_changes", self.resume_changes, ("refuse", "ok")),
+                                       ("report_to", self.report_to, ("none", "tensorboard", "wandb"))):
             if value not in choices:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
         if self.max_length == 0:
@@ -165,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm}: must be >= 0 (0: no clipping)")
         if self.ds_config is not None:
             check_ds_config(read_ds_config(self.ds_config), self)
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs}: must be > 0 (or 0: use steps)")
         if self.lr <= 0 or self.loraplus_lr_ratio <= 0:
             raise ValueError(f"lr={self.lr}, loraplus_lr_ratio={self.loraplus_lr_ratio}: both must be > 0")
         if self.gora is None:
@@ -187,108 +195,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _known_keys() -> List[str]:
-    top = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "gora"]
-    return top + [f"gora.{f.name}" for f in dataclasses.fields(GoRAConfig)]
-
-
-def _unknown(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {sorted(_known_keys())}"
-    return ValueError(f"unknown option {key!r}{hint}")
-
-
-def _parse_value(text: str, current: Any) -> Any:
-    """A command-line string as the type of the option it sets (JSON for lists, dicts, numbers)."""
-    if isinstance(current, bool) or current is None and text.lower() in ("true", "false"):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
-    if isinstance(current, str) or current is None:
-        return text
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text.split(",") if isinstance(current, (list, tuple)) else text
-    if isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    return value
-
-
-def _read_file(path: str) -> dict:
-    """A YAML or JSON config file; a parse error names the file and the parser's line."""
-    with open(path) as handle:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            try:
-                found = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as error:
-                mark = getattr(error, "problem_mark", None)
-                where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-                raise ValueError(f"config file {path}{where}: invalid YAML ({getattr(error, 'problem', None) or error})") \
-                    from None
-        else:
-            try:
-                found = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"config file {path}, line {error.lineno} column {error.colno}: invalid JSON "
-                                 f"({error.msg})") from None
-    if not isinstance(found, dict):
-        raise ValueError(f"config file {path}: expected a mapping of options, got {type(found).__name__}")
-    return found
-
-
-def load_config(argv: List[str]) -> TrainConfig:
-    """``[config.yaml|json] [--key value | --flag]...`` -> TrainConfig. Flags without a value are true;
-    GoRA's options become a GoRAConfig here, checked with its own messages."""
-    values: Dict[str, Any] = {}
-    gora: Dict[str, Any] = dict(DEFAULT_GORA)
-    arguments = list(argv)
-    if arguments and not arguments[0].startswith("--"):
-        path = arguments.pop(0)
-        if not os.path.exists(path):
-            raise ValueError(f"config file {path!r} does not exist")
-        for key, value in _read_file(path).items():
-            if key == "gora":
-                for gora_key, gora_value in value.items():
-                    _check_key(f"gora.{gora_key}")
-                    gora[gora_key] = gora_value
-            else:
-                _check_key(key)
-                values[key] = value
-    defaults = TrainConfig()
-    index = 0
-    while index < len(arguments):
-        token = arguments[index]
-        if not token.startswith("--"):
-            raise ValueError(f"expected --option, got {token!r}")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
-            key, text = key.split("=", 1)
-            index += 1
-        elif index + 1 < len(arguments) and not arguments[index + 1].startswith("--"):
-            text = arguments[index + 1]
-            index += 2
-        else:
-            text = "true"
-            index += 1
-        _check_key(key)
-        if key.startswith("gora."):
-            field_name = key[5:]
-            if field_name == "target_modules" and text in TARGET_RULES:
-                gora[field_name] = text
-            elif field_name in ("target_modules", "modules_to_save"):  # a JSON list, or names split on commas
-                gora[field_name] = json.loads(text) if text.startswith("[") else text.split(",")
-            else:
-                gora[field_name] = _parse_value(text, gora.get(field_name, getattr(GoRAConfig(), field_name)))
-        else:
-            values[key] = _parse_value(text, getattr(defaults, key))
-    return TrainConfig(**values, gora=GoRAConfig.from_dict({"seed": values.get("seed", defaults.seed), **gora}))
-
-
-def _check_key(key: str) -> None:
-    if key.replace("-", "_") not in _known_keys():
-        raise _unknown(key)
+def steps_for_epochs(config: TrainConfig, examples: int) -> TrainConfig:
+    """The config with ``steps`` from ``epochs`` over ``examples`` training examples (unchanged without epochs)."""
+    if not config.epochs:
+        return config
+    steps = max(1, math.ceil(config.epochs * examples / config.global_batch_size))
+    return dataclasses.replace(config, steps=steps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Dict, List
 
 import torch
@@ -17,6 +18,7 @@ from gora_dist.launcher.gradients import NonFiniteStep, is_finite_step, nonfinit
 from gora_dist.launcher.planning import Start
 from gora_dist.launcher.preemption import Preempted, StopSignals
 from gora_dist.launcher.processes import Setup
+from gora_dist.launcher.step_log import StepLog, batch_counts, peak_memory_gb
 from gora_dist.launcher.tasks import Task
 from gora_dist.launcher.tasks.base import all_sum, rank_batches, scores_text
 from gora_dist.memory_trace import phase
@@ -54,9 +56,16 @@ def train(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, 
         scores, samples["before"] = evaluate(trainer, task, setup, eval_batch)
         history.update({f"{name}_before": value for name, value in scores.items()})
         setup.say("before training: " + scores_text(scores))
-    _steps(trainer, task, config, setup, start, record, eval_batch, history, signals)
-    phase("evaluation")
-    scores, samples["after"] = evaluate(trainer, task, setup, eval_batch)
+    log = StepLog(config.output_dir, config.report_to, setup.main, start.step, record)
+    try:
+        if start.step == 0:
+            log.write({"kind": "eval", "step": 0, **scores}, prefix="eval")
+        _steps(trainer, task, config, setup, start, record, eval_batch, history, signals, log)
+        phase("evaluation")
+        scores, samples["after"] = evaluate(trainer, task, setup, eval_batch)
+        log.write({"kind": "eval", "step": config.steps, **scores}, prefix="eval")
+    finally:
+        log.close()
     metrics = {**history, "step": config.steps, **{f"{name}_after": value for name, value in scores.items()}}
     return Trained(metrics, samples, scores)
 
@@ -68,7 +77,7 @@ def evaluate(trainer, task: Task, setup: Setup, batch_size: int):
 
 
 def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start, record: dict,
-           eval_batch: int, history: dict, signals: StopSignals) -> None:
+           eval_batch: int, history: dict, signals: StopSignals, log: StepLog) -> None:
     """The optimizer steps, appended to ``history`` (saved in each checkpoint): each step's loss
     averaged over ranks, its gradient norm before clipping, the steps skipped. Training draws stream 0
     of the global batches, from its first batch whatever the start: a resume sees the same data. A
@@ -81,19 +90,29 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
     bar = setup.progress(range(start.step, config.steps), desc="training", unit="step")
     for step in bar:
         done = step + 1
+        started = time.perf_counter()
         phase("training")
         trainer.train_mode(True)  # dropout on (evaluate switches it off)
         # dropout masks from (seed, step, rank): a resume at the same world size repeats them exactly
         torch.manual_seed(config.seed * 1_000_003 + step * 7919 + setup.rank)
-        micro_losses = [trainer.micro_step(to_device(batch, setup.device), setup.accumulation)
-                        for batch in rank_batches(task, next(stream), setup)]
-        loss_sum, stops = all_sum([sum(micro_losses) / len(micro_losses), signals.flag], setup)
+        batches = rank_batches(task, next(stream), setup)
+        counts = [sum(column) for column in zip(*(batch_counts(batch) for batch in batches))]
+        micro_losses = [trainer.micro_step(to_device(batch, setup.device), setup.accumulation) for batch in batches]
+        loss_sum, stops, tokens, real, trained = all_sum([sum(micro_losses) / len(micro_losses), signals.flag, *counts],
+                                                          setup)
         loss = loss_sum / setup.world
         norm = trainer.gradient_norm()
         finite = is_finite_step(loss, norm)
         if not finite and not config.skip_nonfinite:
             raise NonFiniteStep(nonfinite_message(done, loss, norm, latest_checkpoint(config.output_dir)))
+        lr = trainer.learning_rate()
         trainer.optimizer_step(norm, skip=not finite)
+        seconds = time.perf_counter() - started
+        memory, measured = peak_memory_gb(setup.device)
+        log.write({"kind": "step", "step": done, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(norm),
+                   "skipped": not finite, "step_s": seconds, "tokens": int(tokens), "real_tokens": int(real),
+                   "trained_tokens": int(trained), "real_tokens_per_s": real / seconds,
+                   "trained_tokens_per_s": trained / seconds, "peak_memory_gb": memory, "peak_memory": measured})
         if not finite:
             history["skipped_steps"].append(done)
             setup.say(f"step {done}: loss {loss}, gradient norm {norm} (not finite): update skipped "
@@ -101,9 +120,11 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
         history["losses"].append(finite_or_none(loss))
         history["grad_norms"].append(finite_or_none(norm))
         if setup.main and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", trained_tok_s=f"{trained / seconds:.0f}")
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            setup.say(f"step {done}: " + scores_text(evaluate(trainer, task, setup, eval_batch)[0]))
+            scores = evaluate(trainer, task, setup, eval_batch)[0]
+            setup.say(f"step {done}: " + scores_text(scores))
+            log.write({"kind": "eval", "step": done, **scores}, prefix="eval")
         due = config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps)
         if due or stops:
             phase("checkpoint")

@@ -53,3 +53,23 @@ def plot_rank_map(report: GoRAReport, path: str, title: Optional[str] = None) ->
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_losses(losses, path: str, title: Optional[str] = None) -> None:
+    """Write a PNG of the training loss per step (a step whose loss was not finite is left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(step, loss) for step, loss in enumerate(losses, start=1) if loss is not None]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    if points:
+        axis.plot(*zip(*points), linewidth=1)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss")
+    axis.grid(alpha=0.3)
+    axis.set_title(f"{title + ': ' if title else ''}training loss", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

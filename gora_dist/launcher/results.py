@@ -33,6 +33,9 @@ def save_final_adapter(trainer, plan: GoRAPlan, trained: Trained, metrics: dict,
             _write_generations(os.path.join(out, "generations.jsonl"), trained.samples)
         metrics["wall_s"] = time.perf_counter() - started
         write_json(os.path.join(out, "metrics.json"), metrics)
+        from gora_dist.launcher.plot import plot_losses
+
+        plot_losses(metrics.get("losses", []), os.path.join(out, "loss.png"), title=config.model)
     setup.say(f"after training: {scores_text(trained.scores)}; adapter in {os.path.join(out, 'adapter')}")
 
 

@@ -10,13 +10,15 @@ import sys
 import time
 from typing import List, Optional
 
-from gora_dist.launcher.config import TrainConfig, load_config
+from gora_dist.launcher.arguments import load_config
+from gora_dist.launcher.config import TrainConfig, steps_for_epochs
 from gora_dist.launcher.loading import loaded_model
 from gora_dist.launcher.loop import train
 from gora_dist.launcher.planning import plan_or_resume, resolve_gora, run_record
 from gora_dist.launcher.preemption import StopSignals
 from gora_dist.launcher.processes import Setup, resolve_precision, started_processes, strip_launcher_arguments
 from gora_dist.launcher.results import save_final_adapter
+from gora_dist.launcher.step_log import check_reporter
 from gora_dist.launcher.tasks import Task, build_task
 from gora_dist.launcher.tokenizer import load_tokenizer
 from gora_dist.launcher.training import trainer_for
@@ -31,6 +33,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(config: TrainConfig, by_deepspeed: bool = False) -> dict:
     """One run; returns metrics.json's content (rank 0's is the one written)."""
     task = build_task(config, load_tokenizer(config.model))  # bad data fails here: no process group, nothing written
+    config = steps_for_epochs(config, len(task.train))
+    check_reporter(config.report_to)
     earlier = earlier_run_files(config.output_dir)
     if earlier and not config.resume and not config.overwrite:
         raise ValueError(f"output_dir {config.output_dir} holds an earlier run's {', '.join(earlier)}: pass --resume to "

@@ -72,6 +72,10 @@ class TorchTraining:
     def gradient_norm(self) -> float:
         return torch_grad_norm([param for _, param in self.named])
 
+    def learning_rate(self) -> float:
+        """The learning rate of this step's update (the first group's: A's under LoRA+)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def optimizer_step(self, norm: float, skip: bool = False) -> None:
         """Clip by the run's rule and update; ``skip``: no update (the schedule still counts the step)."""
         if not skip:
@@ -165,6 +169,9 @@ class DeepSpeedTraining:
             return float(total.sqrt())
         grads = [safe_get_full_grad(p) for _, p in self.named]
         return float(torch.stack([g.float().pow(2).sum() for g in grads if g is not None]).sum().sqrt())
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
 
     def optimizer_step(self, norm: float, skip: bool = False) -> None:
         """DeepSpeed's step clips by ``gradient_clipping`` (set from max_grad_norm, the same rule) and
