@@ -233,8 +233,8 @@ def sft_logits(adapter_dir, model_folder, use_peft):
 
 @pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("deepspeed", "auto")])
 def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process, tmp_path, launcher, engine):
-    """World 2 (FSDP2; ZeRO-3 with synced generation), both with activation checkpointing, against one
-    process without it on the same global batches.
+    """World 2 (FSDP2; ZeRO-3 with synced generation), both with activation checkpointing and
+    padding-free batches, against one process with neither (padded) on the same global batches.
     Evaluation of the same model (GoRA's init, before training): the same greedy generations and exact
     match, the response NLL equal to float32 summation order. Training clips the gradient norm at 1.0
     by one rule under every engine (DeepSpeed's gradient_clipping set from it), and the norms here
@@ -243,7 +243,7 @@ def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process,
     if launcher == "deepspeed":
         pytest.importorskip("deepspeed")
     result = launch(launcher, 2, sft_arguments(sft_data, tmp_path, "--engine", engine, "--checkpoint-every", "10",
-                                               "--gradient-checkpointing"))
+                                               "--gradient-checkpointing", "--padding-free"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     one = json.loads((sft_one_process / "metrics.json").read_text())
     two = json.loads((tmp_path / "metrics.json").read_text())
@@ -272,7 +272,8 @@ def test_sft_under_sharded_engines_equals_one_process(sft_data, sft_one_process,
     uninterrupted = adapter_tensors(tmp_path)
     shutil.rmtree(tmp_path / "adapter")
     shutil.rmtree(tmp_path / "checkpoints" / "step-000020")
-    main(sft_arguments(sft_data, tmp_path, "--engine", "local", "--checkpoint-every", "10", "--resume"))
+    main(sft_arguments(sft_data, tmp_path, "--engine", "local", "--checkpoint-every", "10", "--padding-free",
+                       "--resume"))
     resumed = adapter_tensors(tmp_path)
     for key, value in uninterrupted.items():
         assert torch.linalg.norm(resumed[key] - value) / torch.linalg.norm(value) < 1e-4, key

@@ -59,6 +59,9 @@ class TrainConfig:
     """sft: leave out (and count) records whose response cannot fit in max_length with a token of
     prompt before it, or whose prompt alone is longer; default: such a record is an error naming it.
     Prompts that only make the whole too long lose tokens from their start either way (counted)."""
+    padding_free: bool = False
+    """sft: each micro-batch's examples in one row (position_ids restarting per example, no padding)
+    in training and in GoRA's gradient steps: the same loss and gradients, no padded positions."""
     max_new_tokens: int = 16
     """sft: tokens generated per held-out prompt (greedy, KV cache)."""
     answer_match: str = "auto"
@@ -188,6 +191,8 @@ class TrainConfig:
             )
         if self.model in BERT_MODELS and self.task != "seq-cls":
             raise ValueError(f"model={self.model!r} is an encoder: use --task seq-cls")
+        if self.task != "sft" and self.padding_free:
+            raise ValueError(f"padding_free is for task=sft (task={self.task})")
         if self.task != "sft" and self.data == "asdiv":
             raise ValueError("data=asdiv is instruction data: use --task sft")
 

@@ -27,6 +27,11 @@ from gora_dist.launcher.tasks.sft_data import SFTFields, sft_records, tokenize_r
 from gora_dist.model.devices import to_device
 
 
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""Attention implementations transformers masks per example from position_ids when no attention
+mask is given."""
+
+
 class SFTTask:
     metric_names = ("exact_match", "response_nll")
 
@@ -42,6 +47,20 @@ class SFTTask:
         if not self.train or not self.evaluation:
             raise ValueError(f"data={config.data!r}: {len(self.train)} training and {len(self.evaluation)} held-out "
                              "examples left; both must be at least one")
+
+    def check_model(self, model) -> None:
+        """padding_free needs a forward that takes position_ids and masks attention from them (every
+        transformers model built on its masking utilities does); refused otherwise, naming the model."""
+        if not self.config.padding_free:
+            return
+        import inspect
+
+        inner = getattr(model, "module", model)
+        implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        if "position_ids" not in inspect.signature(inner.forward).parameters or implementation not in PACKED_ATTENTION:
+            raise ValueError(f"padding_free: {type(inner).__name__} (attention {implementation!r}) cannot keep the "
+                             f"examples of one row apart (it needs position_ids and one of {list(PACKED_ATTENTION)}); "
+                             "run without --padding-free")
 
     def summary(self) -> List[str]:
         return [self.train_lengths.line("training data"), self.eval_lengths.line("held-out data")]
@@ -70,8 +89,22 @@ class SFTTask:
             labels[row, :len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), ids, torch.full_like(ids, -100))
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
+    def _padding_free(self, examples, targets) -> dict:
+        """The micro-batch's examples one after another in a single row, ``position_ids`` restarting
+        at each, no attention mask: transformers then masks attention per example (its packed-sequence
+        path; ``use_cache=False`` is part of that condition). An example's first token is never a
+        target (in a padded row nothing predicts it; here the previous example's last token would)."""
+        ids, positions, labels = [], [], []
+        for example, mask in zip(examples, targets):
+            ids.extend(example.ids)
+            positions.extend(range(len(example.ids)))
+            labels.extend([-100] + [token if on else -100 for token, on in zip(example.ids[1:], mask[1:])])
+        row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels), "use_cache": False}
+
     def batch(self, examples: Sequence, *, global_batch: Sequence = (), share: int = 1) -> dict:
-        batch = self._right_padded(examples, [self._targets(example) for example in examples])
+        layout = self._padding_free if self.config.padding_free else self._right_padded
+        batch = layout(examples, [self._targets(example) for example in examples])
         whole = global_batch or examples
         batch["num_items_in_batch"] = sum(self.target_count(example) for example in whole) / share
         return batch
