@@ -82,3 +82,59 @@ def test_padding_free_is_refused_where_it_cannot_hold(sft_folder, tmp_path):
     model.config._attn_implementation = "some_kernel"
     with pytest.raises(ValueError, match=r"padding_free: LlamaForCausalLM \(attention 'some_kernel'\) cannot keep"):
         task.check_model(model)
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding-free"])
+def test_the_loss_with_logits_at_targets_only_is_the_models_loss(sft_folder, tmp_path, monkeypatch, layout):
+    """The same value and the same adapter gradients as ``model(**batch).loss`` over full logits,
+    with the cross-entropy in chunks smaller than the batch's target positions."""
+    from gora_dist.launcher.tasks import sft_loss
+
+    monkeypatch.setattr(sft_loss, "CHUNK_POSITIONS", 4)
+    config = load_config(arguments(sft_folder, tmp_path, *(["--padding-free"] if layout == "padding-free" else [])))
+    task = build_task(config, load_tokenizer(config.model))
+    model = load_model(config.model, task="sft")
+    task.check_model(model)
+    assert task.loss_fn is sft_loss.response_loss
+    apply_plan(model, load_plan_for(model, sft_folder, tmp_path))
+    batch = task.batch(task.train[:6], global_batch=task.train[:12], share=2)
+    assert len(sft_loss.target_positions(batch["labels"])) > 2 * 4  # several chunks
+    results = []
+    for compute in (lambda: model(**batch).loss, lambda: sft_loss.response_loss(model, batch)):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (full, full_grads), (kept, kept_grads) = results
+    assert kept == pytest.approx(full, rel=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.linalg.norm(kept_grads[name] - grad) / torch.linalg.norm(grad) < 1e-5, name
+
+
+def load_plan_for(model, sft_folder, tmp_path):
+    """A GoRA plan for the test model (adapters to take gradients), from an --init-only run."""
+    main(arguments(sft_folder, tmp_path / "init-run", "--init-only"))
+    return load_plan(str(tmp_path / "init-run" / "init"))
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["logits overwritten", "logits kept by their producer"])
+def test_chunked_cross_entropy_matches_torchs(kept):
+    """Value and gradient of the chunked loss against F.cross_entropy, whether the logits may be
+    overwritten by their gradient (a linear head's output) or are kept for a backward (a tanh's)."""
+    from gora_dist.launcher.tasks.sft_loss import chunked_cross_entropy_sum
+
+    torch.manual_seed(0)
+    source = torch.randn(2, 11, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 37, dtype=torch.float64)
+    targets = torch.randint(0, 37, (2, 11))
+    targets[0, :4] = -100
+    results = []
+    for ours in (False, True):
+        source.grad = None
+        logits = torch.tanh(source @ weight) * 3 if kept else source @ weight
+        loss = chunked_cross_entropy_sum(logits, targets, 3) if ours else torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 37).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
+        (loss * 0.5).backward()
+        results.append((float(loss), source.grad.clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)

@@ -62,6 +62,9 @@ class TrainConfig:
     padding_free: bool = False
     """sft: each micro-batch's examples in one row (position_ids restarting per example, no padding)
     in training and in GoRA's gradient steps: the same loss and gradients, no padded positions."""
+    logits_at_targets: bool = True
+    """sft: the loss computes logits only at positions whose next token is a target, cross-entropy in
+    float32 chunks (the same value; no full-vocabulary logits at prompt or padding positions)."""
     max_new_tokens: int = 16
     """sft: tokens generated per held-out prompt (greedy, KV cache)."""
     answer_match: str = "auto"

@@ -54,7 +54,7 @@ def run(config: TrainConfig, by_deepspeed: bool = False) -> dict:
                 if config.init_only:
                     setup.say(f"init-only: initial adapter in {os.path.join(config.output_dir, 'init')}")
                     return metrics
-            with trainer_for(model, start, config, setup) as trainer:
+            with trainer_for(model, start, config, setup, getattr(task, "loss_fn", None)) as trainer:
                 trained = train(trainer, task, config, setup, start, record, signals)
                 metrics.update(trained.metrics)
                 save_final_adapter(trainer, start.plan, trained, metrics, config, setup, started)

@@ -64,8 +64,12 @@ class TorchTraining:
     def train_mode(self, training: bool) -> None:
         self.runner.train(training)
 
+    loss_fn = None
+    """``loss_fn(runner, batch)`` (the task's, e.g. SFT's logits at target positions only), or the
+    model's own ``.loss``."""
+
     def micro_step(self, batch: dict, accumulation: int) -> float:
-        loss = self.runner(**batch).loss
+        loss = self.loss_fn(self.runner, batch) if self.loss_fn else self.runner(**batch).loss
         (loss / accumulation).backward()
         return float(loss.detach())
 
@@ -149,8 +153,10 @@ class DeepSpeedTraining:
     def train_mode(self, training: bool) -> None:
         self.engine.train(training)
 
+    loss_fn = None
+
     def micro_step(self, batch: dict, accumulation: int) -> float:
-        loss = self.engine(**batch).loss
+        loss = self.loss_fn(self.engine, batch) if self.loss_fn else self.engine(**batch).loss
         self.engine.backward(loss)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only counts the micro-step; the update is optimizer_step's
@@ -255,13 +261,14 @@ class DeepSpeedTraining:
 
 
 @contextlib.contextmanager
-def trainer_for(model: nn.Module, start: Start, config: TrainConfig,
-                setup: Setup) -> Iterator[Union[TorchTraining, DeepSpeedTraining]]:
+def trainer_for(model: nn.Module, start: Start, config: TrainConfig, setup: Setup,
+                loss_fn=None) -> Iterator[Union[TorchTraining, DeepSpeedTraining]]:
     """The plan's adapters put into the model as loaded (still sharded by FSDP2 or partitioned by
     ZeRO-3 after estimation), wrapped for training by the engine, at ``start``'s step; closed at the end."""
     phase("training setup")
     apply_plan(model, start.plan)
     trainer = _wrap(model, config, setup)
+    trainer.loss_fn = loss_fn
     try:
         if start.optimizer_state is not None:
             trainer.load_optimizer_state(start.optimizer_state, start.step)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from gora_dist.launcher.tasks.answers import answers_match
 from gora_dist.launcher.tasks.base import all_sum, gather_samples, rank_chunks
 from gora_dist.launcher.tasks.sft_data import SFTFields, sft_records, tokenize_records
+from gora_dist.launcher.tasks.sft_loss import keeps_logits_at_positions, response_loss
 from gora_dist.model.devices import to_device
 
 
@@ -48,9 +49,17 @@ class SFTTask:
             raise ValueError(f"data={config.data!r}: {len(self.train)} training and {len(self.evaluation)} held-out "
                              "examples left; both must be at least one")
 
+    loss_fn = None
+    """The training and gradient-estimation loss: :func:`sft_loss.response_loss` (logits only where a
+    target is) once check_model found the model can do it, else the model's own."""
+
     def check_model(self, model) -> None:
-        """padding_free needs a forward that takes position_ids and masks attention from them (every
-        transformers model built on its masking utilities does); refused otherwise, naming the model."""
+        """Choose the loss (logits at target positions when the model takes ``logits_to_keep`` and
+        logits_at_targets is on). padding_free needs a forward that takes position_ids and masks
+        attention from them (every transformers model built on its masking utilities does); refused
+        otherwise, naming the model."""
+        if self.config.logits_at_targets and keeps_logits_at_positions(model):
+            self.loss_fn = response_loss
         if not self.config.padding_free:
             return
         import inspect
