@@ -246,8 +246,12 @@ def step_init(dry_run: bool, kernels: bool) -> dict:
 
 
 def step_sft(dry_run: bool, kernels: bool) -> dict:
-    """A few AdamW steps on GoRA's adapters after its init: tokens/s and peak memory of the training steps."""
+    """A few AdamW steps on GoRA's adapters after its init, with the launcher's SFT loss (logits at
+    the response positions only): tokens/s, peak memory, model TFLOP/s and MFU (launcher/flops.py)."""
     import torch
+
+    from gora_dist.launcher.flops import model_shape, peak_flops, step_flops
+    from gora_dist.launcher.tasks.sft_loss import response_loss
 
     device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -265,7 +269,7 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
             _sync()
             _reset_peak()
             start = time.perf_counter()
-        loss = model(**batch).loss
+        loss = response_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -273,7 +277,12 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
     _sync()
     seconds = time.perf_counter() - start
     tokens = sizes["train_steps"] * sizes["batch"] * sizes["length"]
-    return {"kernels": kernels, "device": device, "steps": sizes["train_steps"], "tokens_per_step":
+    shape = model_shape(model)
+    flops = step_flops(shape, sizes["batch"] * sizes["length"], sizes["batch"] * sizes["length"] ** 2,
+                       sizes["batch"] * sizes["response"]) * sizes["train_steps"] / seconds
+    peak, peak_source = peak_flops(torch.device(device), shape.dtype)
+    return {"model_tflops_per_s": flops / 1e12, "mfu": flops / peak if peak else None, "peak_source": peak_source,
+            "kernels": kernels, "device": device, "steps": sizes["train_steps"], "tokens_per_step":
             sizes["batch"] * sizes["length"], "s_per_step": seconds / sizes["train_steps"], "tokens_per_s": tokens / seconds,
             "peak_gib": _peak_gib(), "losses": losses, "finite": all(math.isfinite(v) for v in losses),
             "adapter_parameters": report.param_count}

@@ -66,11 +66,13 @@ def markdown(record: dict) -> str:
     sft = [record["steps"].get(f"sft_kernels_{s}", {}).get("result") for s in ("on", "off")]
     if any(sft):
         lines += ["", "SFT training steps after the init:", "",
-                  "| kernels | steps × tokens | s / step | tokens / s | peak GiB | losses finite |", "|---|---|---|---|---|---|"]
+                  "| kernels | steps × tokens | s / step | tokens / s | model TFLOP/s | MFU | peak GiB | losses finite |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in filter(None, sft):
+            mfu = f"{100 * row['mfu']:.1f} %" if row.get("mfu") is not None else "—"
             lines.append(f"| {'on' if row['kernels'] else 'off'} | {row['steps']} × {row['tokens_per_step']} | "
-                         f"{_f(row['s_per_step'], 3)} | {row['tokens_per_s']:,.0f} | {_f(row['peak_gib'])} | "
-                         f"{row['finite']} |")
+                         f"{_f(row['s_per_step'], 3)} | {row['tokens_per_s']:,.0f} | {_f(row.get('model_tflops_per_s'), 3)} | "
+                         f"{mfu} | {_f(row['peak_gib'])} | {row['finite']} |")
     trainer = record["steps"].get("trainer_fsdp2", {}).get("result")
     if trainer:
         lines += ["", f"Trainer asked for FSDP2 on {trainer['device']}, GoRA's engine {trainer['engine']} (one rank): "

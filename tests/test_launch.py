@@ -210,7 +210,7 @@ def sft_arguments(sft_data, out, *extra):
 @pytest.fixture(scope="module")
 def sft_one_process(sft_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft-one")
-    main(sft_arguments(sft_data, out, "--checkpoint-every", "0"))
+    main(sft_arguments(sft_data, out, "--checkpoint-every", "0", "--padding-free", "false"))
     return out
 
 

@@ -31,8 +31,9 @@ def arguments(sft_folder, out, *extra):
 
 
 def test_one_row_per_micro_batch_with_positions_restarting(sft_folder, tmp_path):
-    config = load_config(arguments(sft_folder, tmp_path, "--padding-free"))
+    config = load_config(arguments(sft_folder, tmp_path))  # the default for sft where the model can
     task = build_task(config, load_tokenizer(config.model))
+    assert task.check_model(load_model(config.model, task="sft")).startswith("batches: padding-free rows")
     examples = task.train[:3]
     batch = task.batch(examples)
     lengths = [len(example.ids) for example in examples]
@@ -45,8 +46,8 @@ def test_one_row_per_micro_batch_with_positions_restarting(sft_folder, tmp_path)
 
 def test_padding_free_gives_the_padded_loss_gradients_plan_and_training(sft_folder, tmp_path):
     padded, free = tmp_path / "padded", tmp_path / "free"
-    main(arguments(sft_folder, padded))
-    main(arguments(sft_folder, free, "--padding-free"))
+    main(arguments(sft_folder, padded, "--padding-free", "false"))
+    main(arguments(sft_folder, free))  # padding-free: the default
     one, two = (json.loads((out / "metrics.json").read_text()) for out in (padded, free))
     plan_a, plan_b = load_plan(str(padded / "init")), load_plan(str(free / "init"))
     assert plan_a.rank_map == plan_b.rank_map
@@ -59,10 +60,12 @@ def test_padding_free_gives_the_padded_loss_gradients_plan_and_training(sft_fold
 
     # one micro-batch's loss and every adapter's gradient, both layouts, the same model
     layouts = {}
-    for name, extra in (("padded", ()), ("free", ("--padding-free",))):
+    for name, extra in (("padded", ("--padding-free", "false")), ("free", ("--padding-free",))):
         config = load_config(arguments(sft_folder, tmp_path / "x", *extra))
         task = build_task(config, load_tokenizer(config.model))
         model = load_model(config.model, task="sft")
+        task.check_model(model)
+        assert ("position_ids" in task.batch(task.train[:2])) == (name == "free")
         apply_plan(model, plan_a)
         loss = model(**task.batch(task.train[:8])).loss
         loss.backward()
@@ -82,6 +85,11 @@ def test_padding_free_is_refused_where_it_cannot_hold(sft_folder, tmp_path):
     model.config._attn_implementation = "some_kernel"
     with pytest.raises(ValueError, match=r"padding_free: LlamaForCausalLM \(attention 'some_kernel'\) cannot keep"):
         task.check_model(model)
+    # not asked for: such a model trains on padded rows, and the run says why
+    task = build_task(load_config(arguments(sft_folder, tmp_path)), load_tokenizer(config.model))
+    line = task.check_model(model)
+    assert "right-padded rows (LlamaForCausalLM, attention 'some_kernel', cannot take" in line
+    assert "attention_mask" in task.batch(task.train[:2])
 
 
 @pytest.mark.parametrize("layout", ["padded", "padding-free"])
@@ -91,7 +99,7 @@ def test_the_loss_with_logits_at_targets_only_is_the_models_loss(sft_folder, tmp
     from gora_dist.launcher.tasks import sft_loss
 
     monkeypatch.setattr(sft_loss, "CHUNK_POSITIONS", 4)
-    config = load_config(arguments(sft_folder, tmp_path, *(["--padding-free"] if layout == "padding-free" else [])))
+    config = load_config(arguments(sft_folder, tmp_path, "--padding-free", "true" if layout == "padding-free" else "false"))
     task = build_task(config, load_tokenizer(config.model))
     model = load_model(config.model, task="sft")
     task.check_model(model)

@@ -59,9 +59,11 @@ class TrainConfig:
     """sft: leave out (and count) records whose response cannot fit in max_length with a token of
     prompt before it, or whose prompt alone is longer; default: such a record is an error naming it.
     Prompts that only make the whole too long lose tokens from their start either way (counted)."""
-    padding_free: bool = False
+    padding_free: Optional[bool] = None
     """sft: each micro-batch's examples in one row (position_ids restarting per example, no padding)
-    in training and in GoRA's gradient steps: the same loss and gradients, no padded positions."""
+    in training and in GoRA's gradient steps: the same loss and gradients, no padded positions.
+    None (default): on for sft where the model can keep the examples apart, else padded batches;
+    true: on, or an error naming the model; false: padded batches."""
     logits_at_targets: bool = True
     """sft: the loss computes logits only at positions whose next token is a target, cross-entropy in
     float32 chunks (the same value; no full-vocabulary logits at prompt or padding positions)."""
@@ -146,6 +148,9 @@ class TrainConfig:
     """Where each step's line of train_log.jsonl also goes: ``none``, ``tensorboard`` (event files in
     output_dir/tensorboard; pip install tensorboard) or ``wandb`` (offline unless WANDB_MODE says
     otherwise; files in output_dir/wandb)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for train_log.jsonl's ``mfu``; 0: the GPU's datasheet figure where
+    the launcher knows the GPU (launcher/flops.py), no mfu on the CPU or another GPU."""
     timeout_s: float = 600.0
     """Timeout of the process group and of GoRA's collectives."""
     ds_config: Optional[str] = None

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from gora_dist.launcher.checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
 from gora_dist.launcher.config import TrainConfig
+from gora_dist.launcher.flops import model_shape, peak_flops, step_flops
 from gora_dist.launcher.gradients import NonFiniteStep, is_finite_step, nonfinite_message
 from gora_dist.launcher.planning import Start
 from gora_dist.launcher.preemption import Preempted, StopSignals
@@ -87,6 +88,10 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
     stream = global_batch_indices(len(task.train), config.global_batch_size, config.seed, stream=0)
     for _ in range(start.step):
         next(stream)
+    shape = model_shape(trainer.model)
+    peak, peak_source = peak_flops(setup.device, shape.dtype, config.peak_tflops)
+    setup.say(f"model FLOPs a token (launcher/flops.py): 4 x {shape.linear:,} frozen + 6 x {shape.adapters:,} adapter "
+              f"parameters + attention; mfu: {'peak from ' + peak_source if peak else 'none, ' + peak_source}")
     bar = setup.progress(range(start.step, config.steps), desc="training", unit="step")
     for step in bar:
         done = step + 1
@@ -98,7 +103,7 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
         batches = rank_batches(task, next(stream), setup)
         counts = [sum(column) for column in zip(*(batch_counts(batch) for batch in batches))]
         micro_losses = [trainer.micro_step(to_device(batch, setup.device), setup.accumulation) for batch in batches]
-        loss_sum, stops, tokens, real, trained = all_sum([sum(micro_losses) / len(micro_losses), signals.flag, *counts],
+        loss_sum, stops, tokens, real, trained, squared = all_sum([sum(micro_losses) / len(micro_losses), signals.flag, *counts],
                                                           setup)
         loss = loss_sum / setup.world
         norm = trainer.gradient_norm()
@@ -109,10 +114,13 @@ def _steps(trainer, task: Task, config: TrainConfig, setup: Setup, start: Start,
         trainer.optimizer_step(norm, skip=not finite)
         seconds = time.perf_counter() - started
         memory, measured = peak_memory_gb(setup.device)
+        throughput = step_flops(shape, real, squared, trained) / seconds / setup.world  # per device
+        flops = {"model_tflops_per_s": throughput / 1e12, **({"mfu": throughput / peak} if peak else {})}
         log.write({"kind": "step", "step": done, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(norm),
                    "skipped": not finite, "step_s": seconds, "tokens": int(tokens), "real_tokens": int(real),
                    "trained_tokens": int(trained), "real_tokens_per_s": real / seconds,
-                   "trained_tokens_per_s": trained / seconds, "peak_memory_gb": memory, "peak_memory": measured})
+                   "trained_tokens_per_s": trained / seconds, "peak_memory_gb": memory, "peak_memory": measured,
+                   **flops})
         if not finite:
             history["skipped_steps"].append(done)
             setup.say(f"step {done}: loss {loss}, gradient norm {norm} (not finite): update skipped "

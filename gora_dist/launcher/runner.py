@@ -44,7 +44,7 @@ def run(config: TrainConfig, by_deepspeed: bool = False) -> dict:
         _announce(task, config, setup)
         with loaded_model(config, task, setup) as model:
             if hasattr(task, "check_model"):
-                task.check_model(model)  # before anything is written
+                setup.say(task.check_model(model))  # before anything is written
             gora = resolve_gora(config, model, setup)
             record = run_record(config, gora)
             metrics = {"config": record, "world_size": setup.world, **_data_counts(task)}

@@ -15,13 +15,28 @@ import torch
 LOG_NAME = "train_log.jsonl"
 
 
-def batch_counts(batch: dict) -> Tuple[int, int, int]:
-    """(positions computed, padding included; positions that are not padding; positions whose
-    prediction the loss counts). Token labels are shifted by one (position t predicts label t + 1);
-    a label per example (sequence classification) counts once per example."""
+def example_lengths(batch: dict) -> torch.Tensor:
+    """The real length of each example: a padded row's mask sum, or in a padding-free row the runs
+    between the positions where ``position_ids`` restarts at 0."""
+    mask, positions = batch.get("attention_mask"), batch.get("position_ids")
+    if mask is not None:
+        return mask.sum(-1).flatten()
+    if positions is not None:
+        flat = positions.flatten()
+        starts = torch.nonzero(flat == 0).flatten().tolist() + [flat.numel()]
+        return torch.tensor([end - start for start, end in zip(starts, starts[1:])])
     ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    real = int(mask.sum()) if mask is not None else ids.numel()
+    return torch.full((ids.shape[0],), ids.shape[-1])
+
+
+def batch_counts(batch: dict) -> Tuple[int, int, int, int]:
+    """(positions computed, padding included; positions that are not padding; positions whose
+    prediction the loss counts; Σ n² over the examples' real lengths n, for attention's FLOPs).
+    Token labels are shifted by one (position t predicts label t + 1); a label per example
+    (sequence classification) counts once per example."""
+    ids = batch["input_ids"]
+    lengths = example_lengths(batch)
+    real = int(lengths.sum())
     labels = batch.get("labels")
     if labels is None:
         trained = 0
@@ -29,7 +44,7 @@ def batch_counts(batch: dict) -> Tuple[int, int, int]:
         trained = int((labels[..., 1:] != -100).sum())
     else:
         trained = int((labels != -100).sum())
-    return ids.numel(), real, trained
+    return ids.numel(), real, trained, int((lengths.long() ** 2).sum())
 
 
 def peak_memory_gb(device: torch.device) -> Tuple[float, str]:

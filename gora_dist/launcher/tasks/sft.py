@@ -53,23 +53,33 @@ class SFTTask:
     """The training and gradient-estimation loss: :func:`sft_loss.response_loss` (logits only where a
     target is) once check_model found the model can do it, else the model's own."""
 
-    def check_model(self, model) -> None:
+    padding_free = False
+    """Whether micro-batches are padding-free rows: decided by :meth:`check_model` from the option
+    and the model (the same on every rank)."""
+
+    def check_model(self, model) -> str:
         """Choose the loss (logits at target positions when the model takes ``logits_to_keep`` and
-        logits_at_targets is on). padding_free needs a forward that takes position_ids and masks
-        attention from them (every transformers model built on its masking utilities does); refused
-        otherwise, naming the model."""
+        logits_at_targets is on) and the batch layout: padding-free needs a forward that takes
+        position_ids and masks attention from them (every transformers model built on its masking
+        utilities does). Asked for explicitly on a model that cannot, it is refused, naming the model;
+        by default it is then off. Returns the line the run prints about both."""
         if self.config.logits_at_targets and keeps_logits_at_positions(model):
             self.loss_fn = response_loss
-        if not self.config.padding_free:
-            return
         import inspect
 
         inner = getattr(model, "module", model)
         implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-        if "position_ids" not in inspect.signature(inner.forward).parameters or implementation not in PACKED_ATTENTION:
+        able = "position_ids" in inspect.signature(inner.forward).parameters and implementation in PACKED_ATTENTION
+        if self.config.padding_free and not able:
             raise ValueError(f"padding_free: {type(inner).__name__} (attention {implementation!r}) cannot keep the "
                              f"examples of one row apart (it needs position_ids and one of {list(PACKED_ATTENTION)}); "
-                             "run without --padding-free")
+                             "run with --padding-free false")
+        self.padding_free = able if self.config.padding_free is None else self.config.padding_free
+        layout = "padding-free rows" if self.padding_free else "right-padded rows"
+        if self.config.padding_free is None and not able:
+            layout += f" ({type(inner).__name__}, attention {implementation!r}, cannot take padding-free rows)"
+        loss = "logits at target positions only" if self.loss_fn else "the model's own loss (full logits)"
+        return f"batches: {layout}; loss: {loss}"
 
     def summary(self) -> List[str]:
         return [self.train_lengths.line("training data"), self.eval_lengths.line("held-out data")]
@@ -112,7 +122,7 @@ class SFTTask:
         return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels), "use_cache": False}
 
     def batch(self, examples: Sequence, *, global_batch: Sequence = (), share: int = 1) -> dict:
-        layout = self._padding_free if self.config.padding_free else self._right_padded
+        layout = self._padding_free if self.padding_free else self._right_padded
         batch = layout(examples, [self._targets(example) for example in examples])
         whole = global_batch or examples
         batch["num_items_in_batch"] = sum(self.target_count(example) for example in whole) / share
