@@ -13,8 +13,12 @@ by k solved others (k long-tailed: 0 for half of them, up to 6), which makes the
 Every configuration runs in its own process, in turn, on 2 CPU cores with nothing else running;
 steps after the first ``--warmup`` are measured: seconds a step, and per second the positions
 computed (padding included), the real tokens (not padding) and the trained tokens (those with a
-label). GoRA's estimation and the evaluations are outside the measured steps. Results:
-benchmarks/results/sft_throughput_cpu.{json,md}.
+label), and the process's peak resident memory (``ru_maxrss``: an upper bound, glibc keeps freed
+buffers; ours at the last step, GoRA's estimation and the first evaluation included; TRL's after
+training). MALLOC_MMAP_THRESHOLD_ is left alone: a low one (every large buffer its own mmap) made
+the steps about 1.5x slower here, mostly in the kernel. GoRA's estimation and the evaluations are outside the
+measured steps. Then the launcher padded and padding-free for ``--curve-steps`` steps on ASDiv: the
+two loss curves, compared step by step. Results: benchmarks/results/sft_throughput_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import git_commit, git_dirty, package_versions  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-OURS = {"ours padded": [], "ours padded, full logits": ["--logits-at-targets", "false"],
-        "ours padding-free": ["--padding-free"], "ours padding-free, full logits": ["--padding-free",
-                                                                                   "--logits-at-targets", "false"]}
+OURS = {"ours padded": ["--padding-free", "false"],
+        "ours padded, full logits": ["--padding-free", "false", "--logits-at-targets", "false"],
+        "ours padding-free": ["--padding-free", "true"],
+        "ours padding-free, full logits": ["--padding-free", "true", "--logits-at-targets", "false"]}
 TRL = {"TRL unpacked": {}, "TRL padding_free": {"padding_free": True}, "TRL packing": {"packing": True}}
 MAX_LENGTH = {"asdiv": 128, "asdiv-few-shot": 1024}
 """Longer than every example of the set (ASDiv's longest is 106 tokens; 7 of them fit in 1,024): nothing is cut."""
@@ -67,11 +72,15 @@ def run_ours(flags: list, model: str, data: str, max_length: int, steps: int, ou
                data, "--output-dir", out, "--overwrite", "--steps", str(steps), "--global-batch-size", "8",
                "--max-length", str(max_length), "--skip-long", "--gora.grad_steps", "1", "--eval-examples", "8",
                "--max-new-tokens", "1", "--show-generations", "0", "--checkpoint-every", "0", "--lr", "2e-4", *flags]
-    subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    subprocess.run(command, check=True, capture_output=True, text=True, env=worker_environment())
     from gora_dist.launcher.step_log import read_log
 
-    return [{key: line[key] for key in ("step_s", "tokens", "real_tokens", "trained_tokens", "loss")}
+    return [{key: line[key] for key in ("step_s", "tokens", "real_tokens", "trained_tokens", "loss", "peak_memory_gb")}
             for line in read_log(out, "step")]
+
+
+def worker_environment() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT)
 
 
 def trl_worker(spec: dict) -> list:
@@ -116,6 +125,9 @@ def trl_worker(spec: dict) -> list:
     trainer = Counting(model=spec["model"], args=config, train_dataset=train, callbacks=[Clock()],
                        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     trainer.train()
+    import resource
+
+    rows[-1]["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
     return rows
 
 
@@ -123,7 +135,7 @@ def run_trl(options: dict, model: str, data: str, max_length: int, steps: int, o
     spec = json.dumps({"options": options, "model": model, "data": data, "max_length": max_length, "steps": steps,
                        "out": out})
     done = subprocess.run([sys.executable, __file__, "--trl-worker", spec], check=True, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=worker_environment())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -133,7 +145,7 @@ def summary(rows: list, warmup: int) -> dict:
     totals = {key: sum(row[key] for row in measured) for key in ("tokens", "real_tokens", "trained_tokens")}
     return {"steps": len(measured), "s_per_step": seconds / len(measured),
             **{f"{key}_per_s": value / seconds for key, value in totals.items()},
-            "padding_share": 1 - totals["real_tokens"] / totals["tokens"]}
+            "padding_share": 1 - totals["real_tokens"] / totals["tokens"], "peak_memory_gb": rows[-1]["peak_memory_gb"]}
 
 
 def main() -> None:
@@ -142,6 +154,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(MAX_LENGTH), choices=list(MAX_LENGTH))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--curve-steps", type=int, default=20, help="steps of the padded vs padding-free loss curves")
     parser.add_argument("--work", default="/tmp/gora_sft_throughput")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
@@ -164,10 +177,20 @@ def main() -> None:
             results.append({"dataset": dataset, "config": name, "rows": rows, **summary(rows, args.warmup)})
             print(f"{dataset} {name}: {results[-1]['s_per_step']:.2f} s/step, "
                   f"{results[-1]['trained_tokens_per_s']:.0f} trained tok/s", flush=True)
+            write_results(args, results)  # after every configuration: a stopped run keeps what it measured
+    curves = {}
+    for name in ("ours padded", "ours padding-free"):
+        rows = run_ours(OURS[name], model, files["asdiv"], MAX_LENGTH["asdiv"], args.curve_steps,
+                        os.path.join(args.work, f"curve-{len(curves)}"))
+        curves[name] = [row["loss"] for row in rows]
+    write_results(args, results, curves)
+
+
+def write_results(args, results: list, curves: dict = None) -> None:
     record = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
               "dirty": git_dirty("gora_dist", "benchmarks", untracked=False), "machine": f"{os.cpu_count()} CPU cores",
               "versions": package_versions("torch", "transformers", "trl", "peft"), "steps": args.steps,
-              "warmup": args.warmup, "results": results}
+              "warmup": args.warmup, "results": results, "curves": curves or {}}
     os.makedirs(args.results, exist_ok=True)
     json.dump(record, open(os.path.join(args.results, "sft_throughput_cpu.json"), "w"), indent=1)
     with open(os.path.join(args.results, "sft_throughput_cpu.md"), "w") as handle:
@@ -182,14 +205,23 @@ def report(record: dict) -> str:
              f"{record['warmup']} measured. Packages: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()), ""]
     for dataset in dict.fromkeys(r["dataset"] for r in record["results"]):
         rows = [r for r in record["results"] if r["dataset"] == dataset]
-        base = next(r for r in rows if r["config"] == "ours padded")
+        base = next((r for r in rows if r["config"] == "ours padded"), rows[0])
         lines += [f"## {dataset} (max_length {MAX_LENGTH[dataset]})", "",
                   "| configuration | s/step | positions/s | real tokens/s | trained tokens/s | padding share | "
-                  "real tokens/s vs ours padded |", "|---|---|---|---|---|---|---|"]
+                  "peak RSS GB | real tokens/s vs ours padded |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['config']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['real_tokens_per_s']:.0f} "
-                         f"| {r['trained_tokens_per_s']:.0f} | {r['padding_share']:.1%} | "
+                         f"| {r['trained_tokens_per_s']:.0f} | {r['padding_share']:.1%} | {r['peak_memory_gb']:.2f} | "
                          f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x |")
+        lines.append("")
+    curves = record.get("curves") or {}
+    if len(curves) == 2:
+        padded, free = curves["ours padded"], curves["ours padding-free"]
+        worst = max(abs(a - b) / abs(a) for a, b in zip(padded, free))
+        lines += [f"## Loss curves, padded vs padding-free (asdiv, {len(padded)} steps)", "",
+                  f"Largest relative difference of a step's loss: {worst:.1e}.", "",
+                  "| step | padded | padding-free |", "|---|---|---|"]
+        lines += [f"| {step} | {a:.6f} | {b:.6f} |" for step, (a, b) in enumerate(zip(padded, free), start=1)]
         lines.append("")
     return "\n".join(lines)
 
