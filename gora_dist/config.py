@@ -13,7 +13,7 @@ from typing import Sequence, Union
 IMPORTANCE_METRICS = ("mean_abs_wg", "grad_nuclear", "wg_nuclear")
 RANK_FEATURES = ("sqrt", "identity")
 RANK_ROUNDINGS = ("round", "floor", "ceil")
-ALLOCATORS = ("gora", "gelora")
+ALLOCATORS = ("gora", "gelora", "uniform")
 ID_METHODS = ("mle", "fit")
 
 
@@ -90,8 +90,9 @@ class GoRAConfig:
     """With ``adaptive_gamma``: candidates γ = base**k for k = 0 .. candidates-1."""
 
     allocator: str = "gora"
-    """How ranks are chosen: ``gora`` (importance and budget, the paper) or ``gelora`` (the intrinsic
-    dimension of each block's hidden states, arXiv 2412.09250). GoRA's B0 init applies to either."""
+    """How ranks are chosen: ``gora`` (importance and budget, the paper), ``gelora`` (the intrinsic
+    dimension of each block's hidden states, arXiv 2412.09250) or ``uniform`` (rank_ref everywhere,
+    plain LoRA's map). GoRA's B0 init applies to each."""
 
     gelora_method: str = "mle"
     """With ``gelora``: the TwoNN estimator, ``mle`` or ``fit`` (linear fit, top 10% of μ dropped)."""

@@ -162,6 +162,22 @@ def test_ranks_are_capped_by_layer_shape_and_value_gets_more_than_query():
     assert "model.layers.1.self_attn.v_proj" in table and f"{report.param_count:,d}" in table
 
 
+def test_uniform_allocator_gives_lora_ranks_and_gora_init():
+    """allocator="uniform": rank_ref on every layer (capped at min(out, in)), plain LoRA's parameter
+    count, and GoRA's B0 on it: the same update as the closed form at that rank."""
+    model, batches = tiny_llama(), lm_batches(2)
+    config = GoRAConfig(target_modules=ATTENTION, grad_steps=2, allocator="uniform", rank_ref=8, seed=3)
+    reference_grads = per_batch_mean_gradient(model, batches, list(find_target_modules(model, config.target_modules)))
+    report = apply_gora(model, batches, config)
+    assert report.rank_map == {name: min(8, *layer.shape) for name, layer in report.layers.items()}
+    assert report.param_count == report.param_budget
+    name, module = next(gora_modules(model))
+    a64 = module.lora_A.double()
+    expected = -0.05 * math.sqrt(module.in_features / 8) * reference_grads[name] @ (
+        a64.T @ torch.linalg.inv(a64 @ a64.T) @ a64)
+    assert relative_error(module.delta_weight().double(), expected) < 1e-4
+
+
 def test_same_adapters_whatever_the_global_rng_state():
     first, second = tiny_llama(), tiny_llama()
     apply_gora(first, lm_batches(2), GoRAConfig(grad_steps=2))

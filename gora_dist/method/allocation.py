@@ -68,6 +68,11 @@ def allocate_ranks(
     return clip_ranks(ideal, shapes, rank_min=rank_min, rank_max=rank_max, rounding=rounding)
 
 
+def uniform_ranks(shapes: Mapping[str, Shape], rank_ref: int) -> dict:
+    """Plain LoRA's map (``allocator="uniform"``): every layer at rank_ref, capped at min(out, in)."""
+    return {name: min(rank_ref, min(shape)) for name, shape in shapes.items()}
+
+
 def clip_ranks(ideal: Mapping[str, float], shapes: Mapping[str, Shape], *, rank_min: int, rank_max: int,
                rounding: str = "round") -> dict:
     """Integer ranks: round, clip to [rank_min, rank_max], cap at min(out, in)."""

@@ -26,7 +26,13 @@ from gora_dist.comm.collectives import Collective
 from gora_dist.comm.gather import full_parameters, under
 from gora_dist.config import GoRAConfig
 from gora_dist.kernels import projected_gradient, triton_can_run
-from gora_dist.method.allocation import allocate_ranks, lora_param_count, lora_reference_count, rank_budget
+from gora_dist.method.allocation import (
+    allocate_ranks,
+    lora_param_count,
+    lora_reference_count,
+    rank_budget,
+    uniform_ranks,
+)
 from gora_dist.method.gelora import block_ranks, gelora_rank_map, level_dimensions
 from gora_dist.method.importance import normalize_importance, nuclear_norm_refusal
 from gora_dist.method.initialization import (
@@ -186,7 +192,9 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
             notes.append(f"{name}: rank capped at min(in, out) = {min(shapes[name])} < rank_min")
     advantage = normalize_importance(importance)
     dimensions = []
-    if sampler is None:
+    if config.allocator == "uniform":
+        ranks = uniform_ranks(shapes, config.rank_ref)
+    elif sampler is None:
         ranks = allocate_ranks(advantage, shapes, rank_ref=config.rank_ref, rank_min=config.rank_min,
                                rank_max=config.rank_max, features=config.rank_features, rounding=config.rank_rounding,
                                fit_budget=config.fit_budget)
