@@ -15,6 +15,19 @@ RANK_FEATURES = ("sqrt", "identity")
 RANK_ROUNDINGS = ("round", "floor", "ceil")
 ALLOCATORS = ("gora", "gelora", "uniform")
 ID_METHODS = ("mle", "fit")
+INITIALIZERS = ("gora", "lora_ga", "lora_one", "pissa")
+SVD_MODES = ("randomized", "exact")
+OFFSET_INITIALIZERS = ("lora_ga", "pissa")
+"""Initialisations that move the base weight (W − s·B0·A0), so the adapter a user ships is converted."""
+
+
+def offset_not_savable(initializer: str, where: str) -> str:
+    """Why ``where`` refuses an offset initializer today: its adapter only applies to the offset base,
+    and the converted adapter for the original base (rank 2r) is not written yet."""
+    return (f"{where}: initializer={initializer} offsets the base weight, and saving its adapter converted for the "
+            "original base (rank 2r, as PEFT's path_initial_model_for_weight_conversion) is not built yet, so an "
+            "adapter written here would be wrong on the original model. Use initializer='lora_one' or 'gora', or "
+            "apply_gora / estimate_plan + apply_plan in your own loop and merge_adapters before saving the model")
 
 
 @dataclass(kw_only=True)
@@ -103,6 +116,26 @@ class GoRAConfig:
     gelora_scale_to_budget: bool = False
     """With ``gelora``: scale the block ranks so the parameter count matches LoRA at ``rank_ref``."""
 
+    initializer: str = "gora"
+    """The adapters' A0/B0: ``gora`` (the pseudo-inverse solve, the paper), ``lora_ga`` (arXiv
+    2407.05000, as PEFT: Ḡ's singular vectors, base offset), ``lora_one`` (arXiv 2502.01235: −Ḡ's top
+    singular vectors, no offset) or ``pissa`` (arXiv 2404.02948: W's principal part, base becomes the
+    residual). Any allocator with any initializer; every one from the sharded Ḡ or W
+    (method/sharded_svd.py)."""
+
+    svd: str = "randomized"
+    """How lora_ga / lora_one / pissa find singular vectors: ``randomized`` (range finder over the
+    shards, adapter-sized traffic) or ``exact`` (k = min(out, in): weight-sized traffic; small layers, tests)."""
+
+    svd_oversample: int = 8
+    """Randomized SVD: columns carried beyond the triplets needed (Halko et al.'s p)."""
+
+    svd_power_iters: int = 4
+    """Randomized SVD: power iterations (PEFT's LoRA-GA and PiSSA examples use 4)."""
+
+    stable_gamma: float = 0.0
+    """The γ of lora_ga's and lora_one's "stable" scale; 0: each method's default (16, 128)."""
+
     metadata: dict = field(default_factory=dict)
     """Free-form user data, written into ``gora.json``."""
 
@@ -120,6 +153,15 @@ class GoRAConfig:
         _check_choice("rank_rounding", self.rank_rounding, RANK_ROUNDINGS)
         _check_choice("allocator", self.allocator, ALLOCATORS)
         _check_choice("gelora_method", self.gelora_method, ID_METHODS)
+        _check_choice("initializer", self.initializer, INITIALIZERS)
+        _check_choice("svd", self.svd, SVD_MODES)
+        if self.svd_oversample < 0 or self.svd_power_iters < 0:
+            raise ValueError(f"svd_oversample={self.svd_oversample}, svd_power_iters={self.svd_power_iters}: "
+                             "must be >= 0")
+        if not self.stable_gamma >= 0:
+            raise ValueError(f"stable_gamma={self.stable_gamma}: must be >= 0 (0: the method's default)")
+        if self.initializer != "gora" and self.adaptive_gamma:
+            raise ValueError(f"adaptive_gamma searches GoRA's γ; initializer={self.initializer!r} has none")
         if self.rank_min < 0:
             raise ValueError(f"rank_min={self.rank_min}: must be >= 0")
         if self.rank_max < 1:

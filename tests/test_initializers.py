@@ -59,12 +59,15 @@ def mean_gradients(model, batches):
     return grads
 
 
-def assert_equal_up_to_sign(ours, theirs, rows: bool):
-    """Each row (rows=True) or column of ``ours`` equals ``theirs`` up to one sign, to 1e-4 relative."""
+def assert_equal_up_to_sign(ours, theirs, rows: bool, tolerance: float = 1e-4) -> torch.Tensor:
+    """Each row (rows=True) or column of ``ours`` equals ``theirs`` up to one sign, to ``tolerance``
+    relative; returns the signs that align ours with theirs."""
     ours, theirs = (ours, theirs) if rows else (ours.T, theirs.T)
+    signs = []
     for mine, other in zip(ours.detach().double(), theirs.detach().double()):
-        sign = 1.0 if float(mine @ other) >= 0 else -1.0
-        assert float(torch.linalg.norm(sign * mine - other) / torch.linalg.norm(other)) < 1e-4
+        signs.append(1.0 if float(mine @ other) >= 0 else -1.0)
+        assert float(torch.linalg.norm(signs[-1] * mine - other) / torch.linalg.norm(other)) < tolerance
+    return torch.tensor(signs)
 
 
 @pytest.mark.parametrize("use_rslora", [True, False])
@@ -147,3 +150,127 @@ def test_too_few_triplets_are_named():
     u, s, vh = torch.linalg.svd(torch.randn(6, 5), full_matrices=False)
     with pytest.raises(ValueError, match=r"lora_ga: needs 6 singular triplets, got 5"):
         lora_ga_factors(u, s, vh, 3)
+
+
+# --- through the pipeline (one process; the sharded runs are the distributed tests') -------------
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def peft_llama(init, batches=None):
+    """PEFT's own init of the tiny Llama at r = 12 on TARGETS (LoRA-GA from the same batches). At
+    r = 12 PEFT's svd_lowrank (q = min(4r, min(out, in))) spans every layer's whole range, so its
+    SVD is exact too; at r = 4 (q = 16 of 48) its own approximation differs by ~1e-3 here."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    config = peft.LoraConfig(r=12, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init, use_rslora=True,
+                             lora_ga_config=peft.LoraGAConfig() if init == "lora_ga" else None)
+    if init == "lora_ga":
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        def train_step():
+            for batch in batches:
+                model(**batch).loss.backward()
+
+        preprocess_loraga(model, config, train_step)
+    return peft.get_peft_model(model, config)
+
+
+def ours(initializer, batches, svd="exact", rank=12):
+    from conftest import tiny_llama
+    from gora_dist import GoRAConfig, apply_gora, gora_modules
+
+    model = tiny_llama()
+    original = {name: param.detach().clone() for name, param in model.named_parameters()}
+    config = GoRAConfig(target_modules=TARGETS, allocator="uniform", rank_ref=rank, rank_min=1, alpha=8,
+                        initializer=initializer, svd=svd, grad_steps=len(batches))
+    report = apply_gora(model, batches, config)
+    return model, dict(gora_modules(model)), original, report
+
+
+@pytest.mark.parametrize("initializer", ["pissa", "lora_ga"])
+def test_pipeline_gives_peft_initial_weights(initializer):
+    """Every adapted layer: the adapter's factors equal PEFT's up to each triplet's sign (1e-4; the two
+    Ḡ are equal), the
+    base after the offset equals PEFT's once those signs are aligned (1e-5; LoRA-GA's B0 and A0 take
+    different triplets, so its product, unlike PiSSA's, depends on them), and base + s·B0·A0 is the
+    original weight (the model's output unchanged at step 0)."""
+    from conftest import lm_batches
+
+    batches = lm_batches(3)
+    model, adapters, original, report = ours(initializer, batches)
+    reference = peft_llama(initializer, batches).base_model.model
+    assert set(report.rank_map.values()) == {12}
+    for name, adapter in adapters.items():
+        theirs = reference.get_submodule(name)
+        signs_a = assert_equal_up_to_sign(adapter.lora_A, theirs.lora_A["default"].weight, rows=True)
+        signs_b = assert_equal_up_to_sign(adapter.lora_B, theirs.lora_B["default"].weight, rows=False)
+        with torch.no_grad():
+            aligned = adapter.scaling * (adapter.lora_B * signs_b) @ (signs_a[:, None] * adapter.lora_A)
+            torch.testing.assert_close(original[f"{name}.weight"] - aligned, theirs.base_layer.weight, rtol=0, atol=1e-5)
+        if initializer == "pissa":  # sign-free: the bases themselves agree
+            torch.testing.assert_close(adapter.base.weight, theirs.base_layer.weight, rtol=0, atol=1e-5)
+        effective = adapter.base.weight + adapter.scaling * adapter.lora_B @ adapter.lora_A
+        torch.testing.assert_close(effective, original[f"{name}.weight"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("svd, tolerance", [("exact", 1e-5), ("randomized", 1e-2)])
+def test_pipeline_lora_one_is_a_step_on_the_best_rank_r_gradient(svd, tolerance):
+    """LoRA-One through the pipeline: the base untouched, s·B0·A0 = −(s/(γσ₁))·[Ḡ]_r with Ḡ the mean of
+    the batches' gradients (float64 reference); the randomized SVD (p = 8, q = 4) within 1 %."""
+    from conftest import lm_batches
+    from test_apply import per_batch_mean_gradient
+
+    from gora_dist.model.targets import find_target_modules
+
+    batches = lm_batches(3)
+    from conftest import tiny_llama
+
+    grads = per_batch_mean_gradient(tiny_llama(), batches, list(find_target_modules(tiny_llama(), TARGETS)))
+    model, adapters, original, _ = ours("lora_one", batches, svd, rank=4)
+    for name, adapter in adapters.items():
+        assert torch.equal(adapter.base.weight, original[f"{name}.weight"])
+        u, s, vh = torch.linalg.svd(grads[name], full_matrices=False)
+        expected = -(adapter.scaling / (128.0 * float(s[0]))) * (u[:, :4] * s[:4]) @ vh[:4]
+        got = adapter.scaling * adapter.lora_B.double() @ adapter.lora_A.double()
+        assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < tolerance, name
+
+
+def test_initializer_bad_input_is_named():
+    from conftest import lm_batches, tiny_llama
+
+    from gora_dist import GoRAConfig, apply_gora
+
+    with pytest.raises(ValueError, match=r"initializer='lora_gb' is not one of \['gora', 'lora_ga', 'lora_one', 'pissa'\]"):
+        GoRAConfig(initializer="lora_gb")
+    # k/v are 48 -> 24: LoRA-GA at rank 16 needs 32 triplets
+    config = GoRAConfig(target_modules=["k_proj"], allocator="uniform", rank_ref=16, initializer="lora_ga", grad_steps=1)
+    with pytest.raises(ValueError, match=r"needs 2 x rank <= min\(out, in\).*model.layers.0.self_attn.k_proj \(rank 16, weight 24x48\)"):
+        apply_gora(tiny_llama(), lm_batches(1), config)
+    from gora_dist.pipeline.apply import check_offset_bases
+
+    quantised = nn.Module()
+    quantised.layer = nn.Module()
+    quantised.layer.weight = torch.zeros(4, 4, dtype=torch.int8)  # as a quantised base holds it
+    with pytest.raises(ValueError, match=r"layer: the base weight is torch.int8; initializer=pissa rewrites it"):
+        check_offset_bases(quantised, {"layer": None}, "pissa")
+
+
+def test_an_offset_initializer_is_not_saved_where_the_adapter_would_be_wrong(tmp_path):
+    """Until the converted (rank 2r) adapter is written, saving a LoRA-GA / PiSSA adapter is refused
+    everywhere rather than written for the offset base; LoRA-One saves as any adapter."""
+    from conftest import lm_batches
+
+    from gora_dist.launcher.arguments import load_config
+    from gora_dist.model.adapter_io import save_adapter
+
+    model, _, _, report = ours("pissa", lm_batches(1))
+    with pytest.raises(ValueError, match=r"initializer=pissa offsets the base weight"):
+        save_adapter(model, str(tmp_path / "adapter"), report)
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(ValueError, match=r"the launcher \(gora.initializer\): initializer=lora_ga offsets"):
+        load_config(["--gora.initializer", "lora_ga"])
+    model, _, _, report = ours("lora_one", lm_batches(1))
+    save_adapter(model, str(tmp_path / "one"), report)
+    assert (tmp_path / "one" / "adapter_model.safetensors").exists()

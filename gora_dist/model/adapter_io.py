@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from gora_dist.config import OFFSET_INITIALIZERS, offset_not_savable
 from gora_dist.method.initialization import rslora_scaling
 from gora_dist.model.layers import GoRALinear, gora_modules, install_adapters
 from gora_dist.model.targets import saved_modules
@@ -138,6 +139,8 @@ def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, rep
                         modules_to_save=(), saved_state=None) -> None:
     """weights: {module name: (A (r, in), B (out, r))}; saved_state: {"<module>.<param>": tensor} of
     modules_to_save. ``model`` only informs the task type and base name."""
+    if report is not None and report.config.initializer in OFFSET_INITIALIZERS:
+        raise ValueError(offset_not_savable(report.config.initializer, f"saving an adapter to {path}"))
     ranks = {name: lora_a.shape[0] for name, (lora_a, _) in weights.items()}
     tensors = {f"{PEFT_PREFIX}{key}": value.detach().to("cpu", copy=True).contiguous()
                for key, value in (saved_state or {}).items()}

@@ -57,7 +57,11 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
     """
     from peft import get_peft_model
 
+    from gora_dist.config import OFFSET_INITIALIZERS, offset_not_savable
     from gora_dist.model.adapter_io import peft_task_type
+
+    if plan.report.config.initializer in OFFSET_INITIALIZERS:
+        raise ValueError(offset_not_savable(plan.report.config.initializer, "to_peft"))
 
     _check_fits(model, plan)
     config = lora_config(plan, task_type=task_type if task_type is not None else peft_task_type(model))

@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from gora_dist.comm.gather import write_full
 from gora_dist.comm.replicated import average_beside_shards
-from gora_dist.config import GoRAConfig, gamma_candidates
+from gora_dist.config import OFFSET_INITIALIZERS, GoRAConfig, gamma_candidates
 from gora_dist.engines.base import LocalEngine
+from gora_dist.model.base_offset import offset_base
 from gora_dist.model.devices import to_device
 from gora_dist.model.layers import GoRALinear, install_adapters, set_submodule
 from gora_dist.model.loss import LossFn, batch_loss
@@ -37,11 +38,29 @@ def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
     """
     config = plan.report.config
     weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
+    offset = config.initializer in OFFSET_INITIALIZERS
+    if offset:
+        check_offset_bases(model, weights, config.initializer)
     adapters = install_adapters(model, weights, alpha=config.alpha, use_rslora=config.use_rslora, dropout=config.dropout,
                                 modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
     # an FSDP2 model: the new adapters are replicated, their gradients averaged per backward
     average_beside_shards(model, [p for m in adapters.values() for p in (m.lora_A, m.lora_B)])
+    if offset:  # LoRA-GA / PiSSA: the base becomes W − s·B0·A0, each rank its own elements
+        for name, adapter in adapters.items():
+            offset_base(adapter.base.weight, plan.lora_a[name], plan.lora_b[name], adapter.scaling, name)
     return adapters
+
+
+def check_offset_bases(model: nn.Module, weights, initializer: str) -> None:
+    """Before anything changes: every base an offset initializer rewrites is materialised and float."""
+    for name in weights:
+        weight = model.get_submodule(name).weight
+        if weight.device.type == "meta" and not hasattr(weight, "ds_tensor"):
+            raise ValueError(f"{name}: initializer={initializer} rewrites the base weight, which is on meta here; "
+                             "apply the plan after the weights are loaded")
+        if not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
+            raise ValueError(f"{name}: the base weight is {weight.dtype}; initializer={initializer} rewrites it "
+                             "(W - s·B0·A0) and needs a float32/float16/bfloat16 base")
 
 
 def copy_plan_into_adapters(model: nn.Module, plan: GoRAPlan) -> None:

@@ -49,6 +49,7 @@ from gora_dist.model.devices import free_memory_bytes
 from gora_dist.model.hidden_states import HiddenStateSampler
 from gora_dist.model.targets import saved_modules, transformer_blocks
 from gora_dist.pipeline.estimation import estimate_gradients
+from gora_dist.pipeline.svd_init import rank_refusal, svd_factors
 from gora_dist.report import GoRAPlan, GoRAReport, LayerReport
 
 C_BUCKET_ELEMENTS = 16 * 2**20  # all-reduce C in buckets of at most 64 MB of float32
@@ -142,6 +143,41 @@ def _projected_gradients(engine, accumulator, lora_a: Dict[str, torch.Tensor], c
     return projected
 
 
+def _gora_factors(engine, accumulator, names, ranks, shapes, importance, advantage, energies, config: GoRAConfig,
+                  collective: Collective):
+    """GoRA's A0 (seeded Kaiming) and B0 (the pseudo-inverse solve from C = Ḡ·A0ᵀ), and the layers' reports."""
+    adapted = [name for name in names if ranks[name] > 0]
+    lora_a = {name: kaiming_uniform_a(ranks[name], shapes[name][1], seed=config.seed, module_name=name) for name in adapted}
+    for name in names:
+        if name not in lora_a:
+            accumulator.release(name)
+    projected = _projected_gradients(engine, accumulator, lora_a, collective)
+
+    lora_b, layers = {}, {}
+    gamma = 1.0 if config.adaptive_gamma else config.gamma
+    for index, name in enumerate(names):
+        rank, error = ranks[name], None
+        if rank > 0:
+            try:
+                factor = gram_cholesky(lora_a[name])
+            except ValueError as failure:
+                raise ValueError(f"{name} (rank {rank}, weight {shapes[name]}): {failure}") from failure
+            kept = projected_energy(projected[name], factor)
+            error = residual_ratio(float(energies[index]), kept)
+            scaling = rslora_scaling(config.alpha, rank, config.use_rslora)
+            if gamma == 0:
+                lora_b[name] = torch.zeros(shapes[name][0], rank, dtype=torch.float32)
+            else:
+                xi = b0_scale(gamma, scaling, shapes[name][1], rank)
+                lora_b[name] = solve_b0(projected[name], factor, xi).cpu()
+            del projected[name]
+        layers[name] = LayerReport(
+            name=name, shape=shapes[name], importance=importance[name], advantage=advantage[name], rank=rank,
+            params=(shapes[name][0] + shapes[name][1]) * rank, projection_error=error,
+        )
+    return lora_a, lora_b, layers
+
+
 def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective: Optional[Collective] = None,
                on_phase: Optional[Callable[[str], None]] = None) -> GoRAPlan:
     """Run GoRA's estimation and initialisation through ``engine``; every rank returns the same plan.
@@ -207,36 +243,19 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         notes += gelora_notes + [f"GeLoRA: TwoNN ({config.gelora_method}) on {points.shape[1]} mean-pooled sequences"]
     ranks = _agreed_rank_map(ranks, collective)
 
-    adapted = [name for name in names if ranks[name] > 0]
     accumulator_elements = accumulator.held_elements()
-    lora_a = {name: kaiming_uniform_a(ranks[name], shapes[name][1], seed=config.seed, module_name=name) for name in adapted}
-    for name in names:
-        if name not in lora_a:
-            accumulator.release(name)
-    projected = _projected_gradients(engine, accumulator, lora_a, collective)
-
-    lora_b, layers = {}, {}
-    gamma = 1.0 if config.adaptive_gamma else config.gamma
-    for index, name in enumerate(names):
-        rank, error = ranks[name], None
-        if rank > 0:
-            try:
-                factor = gram_cholesky(lora_a[name])
-            except ValueError as failure:
-                raise ValueError(f"{name} (rank {rank}, weight {shapes[name]}): {failure}") from failure
-            kept = projected_energy(projected[name], factor)
-            error = residual_ratio(float(energies[index]), kept)
-            scaling = rslora_scaling(config.alpha, rank, config.use_rslora)
-            if gamma == 0:
-                lora_b[name] = torch.zeros(shapes[name][0], rank, dtype=torch.float32)
-            else:
-                xi = b0_scale(gamma, scaling, shapes[name][1], rank)
-                lora_b[name] = solve_b0(projected[name], factor, xi).cpu()
-            del projected[name]
-        layers[name] = LayerReport(
-            name=name, shape=shapes[name], importance=importance[name], advantage=advantage[name], rank=rank,
-            params=(shapes[name][0] + shapes[name][1]) * rank, projection_error=error,
-        )
+    if config.initializer != "gora":
+        collective.check(rank_refusal(config, ranks, shapes), "initializer ranks")
+        lora_a, lora_b, _ = svd_factors(engine, accumulator, ranks, config, collective)
+        layers = {name: LayerReport(name=name, shape=shapes[name], importance=importance[name],
+                                    advantage=advantage[name], rank=ranks[name],
+                                    params=(shapes[name][0] + shapes[name][1]) * ranks[name], projection_error=None)
+                  for name in names}
+        notes.append(f"initializer={config.initializer}: A0/B0 from the {config.svd} SVD of "
+                     f"{'W' if config.initializer == 'pissa' else 'Ḡ'} over the shards")
+    else:
+        lora_a, lora_b, layers = _gora_factors(engine, accumulator, names, ranks, shapes, importance, advantage,
+                                               energies, config, collective)
     report = GoRAReport(
         config=config, layers=layers, grad_steps=accumulator.steps, gamma=config.gamma,
         rank_budget=rank_budget(shapes, config.rank_ref, config.rank_features),
