@@ -14,8 +14,9 @@ each given what is left of ``--budget-s`` (default 450 s) less what the later st
   3. kernels: benchmarks/kernel_speed.py --quick (fused vs torch vs PEFT; grouped q/k/v; B0 for 224 layers);
   4. init: GoRA on a ~1.2B random-weight Llama (Llama-3.2-1B's shapes) in bf16 on one GPU, kernels on
      then off: seconds of the gradient steps and of everything after, peak allocated memory per phase;
-  5. sft steps: a few SFT training steps of that model (loss on the response tokens), kernels on and
-     off: tokens/s and peak memory;
+  5. sft steps: a few SFT training steps of that model as the launcher trains (padding-free rows,
+     logits only at the response positions), kernels on and off: tokens/s, peak memory, model
+     TFLOP/s and MFU (gora_dist/launcher/flops.py);
   6. trainer_fsdp2: a transformers Trainer asked for FSDP2 on the GPU with the model GoRA sharded
      itself (tests/dist/trainer_worker.py device, one rank under torchrun): the plan against one
      process's, the losses, the base unchanged, the adapter loaded in PEFT.
@@ -179,6 +180,19 @@ def _batches(spec: dict, count: int, batch: int, length: int, response: int, dev
     return found
 
 
+def _padding_free(batch: dict) -> dict:
+    """A batch's rows one after another in a single row, positions restarting per row, no mask (the
+    launcher's padding-free layout); each example's first label off, as nothing before it predicts it."""
+    import torch
+
+    rows, length = batch["input_ids"].shape
+    labels = batch["labels"].clone()
+    labels[:, 0] = -100
+    positions = torch.arange(length, device=labels.device).repeat(rows)
+    return {"input_ids": batch["input_ids"].reshape(1, -1), "labels": labels.reshape(1, -1),
+            "position_ids": positions.unsqueeze(0), "use_cache": False}
+
+
 def _sizes(dry_run: bool) -> dict:
     if dry_run:
         return dict(spec=MODEL_TINY, batch=2, length=16, response=4, grad_steps=2, train_steps=2, warmup_steps=1)
@@ -246,8 +260,9 @@ def step_init(dry_run: bool, kernels: bool) -> dict:
 
 
 def step_sft(dry_run: bool, kernels: bool) -> dict:
-    """A few AdamW steps on GoRA's adapters after its init, with the launcher's SFT loss (logits at
-    the response positions only): tokens/s, peak memory, model TFLOP/s and MFU (launcher/flops.py)."""
+    """A few AdamW steps on GoRA's adapters after its init, as the launcher trains: padding-free rows
+    (the model's packed-sequence attention) and the SFT loss with logits at the response positions
+    only; tokens/s, peak memory, model TFLOP/s and MFU (launcher/flops.py)."""
     import torch
 
     from gora_dist.launcher.flops import model_shape, peak_flops, step_flops
@@ -261,7 +276,8 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     steps = sizes["warmup_steps"] + sizes["train_steps"]
-    batches = _batches(sizes["spec"], steps, sizes["batch"], sizes["length"], sizes["response"], device, 2)
+    batches = [_padding_free(batch) for batch in
+               _batches(sizes["spec"], steps, sizes["batch"], sizes["length"], sizes["response"], device, 2)]
     model.train()
     losses = []
     for index, batch in enumerate(batches):
@@ -281,7 +297,7 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
     flops = step_flops(shape, sizes["batch"] * sizes["length"], sizes["batch"] * sizes["length"] ** 2,
                        sizes["batch"] * sizes["response"]) * sizes["train_steps"] / seconds
     peak, peak_source = peak_flops(torch.device(device), shape.dtype)
-    return {"model_tflops_per_s": flops / 1e12, "mfu": flops / peak if peak else None, "peak_source": peak_source,
+    return {"layout": "padding-free", "model_tflops_per_s": flops / 1e12, "mfu": flops / peak if peak else None, "peak_source": peak_source,
             "kernels": kernels, "device": device, "steps": sizes["train_steps"], "tokens_per_step":
             sizes["batch"] * sizes["length"], "s_per_step": seconds / sizes["train_steps"], "tokens_per_s": tokens / seconds,
             "peak_gib": _peak_gib(), "losses": losses, "finite": all(math.isfinite(v) for v in losses),
