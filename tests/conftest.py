@@ -150,3 +150,10 @@ def arithmetic_chats(count: int = 96):
         rows.append({"prompt": [{"role": "user", "content": f"What is {a} plus {b}? Think it through."}],
                      "completion": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
     return rows
+
+
+@pytest.fixture(scope="module")
+def sft_folder(tmp_path_factory):
+    """(120 prompt/completion records, the tiny causal LM folder), once per test module."""
+    folder = tmp_path_factory.mktemp("sft")
+    return write_sft_records(str(folder / "animals.jsonl"), count=120), save_tiny_causal_lm(str(folder / "model"))

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import save_tiny_causal_lm, write_sft_records
 from gora_dist.launcher.arguments import load_config
 from gora_dist.launcher.models import load_model
 from gora_dist.launcher.runner import main
@@ -15,12 +14,6 @@ from gora_dist.launcher.tasks import build_task
 from gora_dist.launcher.tokenizer import load_tokenizer
 from gora_dist.model.adapter_io import load_plan
 from gora_dist.pipeline.apply import apply_plan
-
-
-@pytest.fixture(scope="module")
-def sft_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packed")
-    return write_sft_records(str(folder / "animals.jsonl"), count=120), save_tiny_causal_lm(str(folder / "model"))
 
 
 def arguments(sft_folder, out, *extra):

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import save_tiny_causal_lm, tiny_llama, lm_batches, write_sft_records
+from conftest import tiny_llama, lm_batches
 from gora_dist.launcher import checkpoint as ckpt
 from gora_dist.launcher.arguments import load_config
 from gora_dist.launcher.gradients import NonFiniteStep, clip_coefficient, scale_gradients, torch_grad_norm
@@ -22,12 +22,6 @@ from gora_dist.launcher.runner import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-
-
-@pytest.fixture(scope="module")
-def sft_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("safety")
-    return write_sft_records(str(folder / "animals.jsonl"), count=120), save_tiny_causal_lm(str(folder / "model"))
 
 
 def sft_run(sft_folder, out, *extra, steps=10, data=None):

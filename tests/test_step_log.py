@@ -7,19 +7,12 @@ import math
 import pytest
 import torch
 
-from conftest import save_tiny_causal_lm, write_sft_records
 from gora_dist.launcher.arguments import load_config
 from gora_dist.launcher.runner import main
 from gora_dist.launcher.step_log import batch_counts, read_log
 
 FIELDS = ("loss", "lr", "grad_norm", "step_s", "tokens", "real_tokens", "trained_tokens", "real_tokens_per_s",
           "trained_tokens_per_s", "peak_memory_gb", "peak_memory")
-
-
-@pytest.fixture(scope="module")
-def sft_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("log")
-    return write_sft_records(str(folder / "animals.jsonl"), count=120), save_tiny_causal_lm(str(folder / "model"))
 
 
 def run(sft_folder, out, *extra):

@@ -11,6 +11,7 @@ import os
 from typing import Any, Dict, List
 
 from gora_dist.config import GoRAConfig
+from gora_dist.launcher.files import read_json_mapping
 from gora_dist.launcher.config import DEFAULT_GORA, TARGET_RULES, TrainConfig
 
 
@@ -58,11 +59,7 @@ def _read_file(path: str) -> dict:
                 raise ValueError(f"config file {path}{where}: invalid YAML ({getattr(error, 'problem', None) or error})") \
                     from None
         else:
-            try:
-                found = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"config file {path}, line {error.lineno} column {error.colno}: invalid JSON "
-                                 f"({error.msg})") from None
+            return read_json_mapping(handle, f"config file {path}", "a mapping of options")
     if not isinstance(found, dict):
         raise ValueError(f"config file {path}: expected a mapping of options, got {type(found).__name__}")
     return found

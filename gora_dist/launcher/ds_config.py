@@ -4,8 +4,9 @@ the launcher's one rule) before any process group starts."""
 
 from __future__ import annotations
 
-import json
 import os
+
+from gora_dist.launcher.files import read_json_mapping
 
 
 def read_ds_config(path: str) -> dict:
@@ -13,14 +14,7 @@ def read_ds_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"ds_config={path!r}: no such file")
     with open(path) as handle:
-        try:
-            found = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"ds_config {path}, line {error.lineno} column {error.colno}: invalid JSON "
-                             f"({error.msg})") from None
-    if not isinstance(found, dict):
-        raise ValueError(f"ds_config {path}: expected a JSON object, got {type(found).__name__}")
-    return found
+        return read_json_mapping(handle, f"ds_config {path}", "a JSON object")
 
 
 def check_ds_config(found: dict, config) -> None:

@@ -29,3 +29,15 @@ def write_atomically(path: str, write: Callable) -> None:
 
 def write_json(path: str, value) -> None:
     write_atomically(path, lambda stream: json.dump(value, stream, indent=2))
+
+
+def read_json_mapping(handle, label: str, expected: str) -> dict:
+    """A JSON object from an open file; invalid JSON names ``label`` (which file) with the parser's
+    line and column, anything but an object says what ``expected`` was."""
+    try:
+        found = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{label}, line {error.lineno} column {error.colno}: invalid JSON ({error.msg})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{label}: expected {expected}, got {type(found).__name__}")
+    return found
