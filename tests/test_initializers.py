@@ -6,7 +6,10 @@ Tolerances: PEFT decomposes in float32, we in float64 here; on layers this small
 to float32 rounding over the singular-value gaps (1e-4 relative). Singular vectors are defined up to
 a sign per triplet: factors are compared row by row (A) and column by column (B) up to that sign."""
 
+import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -274,3 +277,60 @@ def test_an_offset_initializer_is_not_saved_where_the_adapter_would_be_wrong(tmp
     model, _, _, report = ours("lora_one", lm_batches(1))
     save_adapter(model, str(tmp_path / "one"), report)
     assert (tmp_path / "one" / "adapter_model.safetensors").exists()
+
+
+# --- world 2: FSDP2 and ZeRO-3 against one process (one spawn for both engines, all three) ---------
+
+def test_sharded_initializers_equal_one_process_and_no_rank_holds_a_full_target(tmp_path):
+    """tests/dist/init_worker.py at world 2, FSDP2 then ZeRO-3 (MLP 191 wide: a ZeRO-3 partition cuts
+    a row): for LoRA-GA, LoRA-One and PiSSA the rank map is one process's, the effective initial
+    weights are the original ones (LoRA-GA, PiSSA: to 1e-5) or one process's (LoRA-One), and each
+    rank's base offset equals one process's to 1e-3 relative (the same seeded Ω, sums in another
+    order, power iterations). During every layer's SVD a rank passed in only its shard and no
+    operation created a tensor as large as the layer's weight."""
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("deepspeed")
+    sys_path = os.path.join(os.path.dirname(__file__), "dist")
+    sys.path.insert(0, sys_path)
+    from init_worker import GLOBAL_BATCH, GRAD_STEPS, INITIALIZERS, WIDTH, config_for
+
+    from conftest import lm_batches, tiny_llama
+    from gora_dist import apply_gora, gora_modules
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", "2",
+               os.path.join(sys_path, "init_worker.py"), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    facts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    original = dict(tiny_llama(intermediate_size=WIDTH).named_parameters())
+    for initializer in INITIALIZERS:
+        model = tiny_llama(intermediate_size=WIDTH)
+        report = apply_gora(model, lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), config_for(initializer))
+        single = dict(gora_modules(model))
+        for engine in ("fsdp2", "zero3"):
+            key = f"{engine}-{initializer}"
+            tensors = load_file(tmp_path / f"{key}.safetensors")
+            for fact in facts:
+                assert fact[key]["rank_map"] == report.rank_map, key
+                assert set(fact[key]["svd"]) == set(report.rank_map), key  # every layer's SVD was watched
+                for name, svd in fact[key]["svd"].items():
+                    assert svd["input_elements"] <= svd["full_elements"] // 2 + 48, (key, name, svd)
+                    assert svd["largest_created"] < svd["full_elements"], (key, name, svd)
+            for name, adapter in single.items():
+                weight = original[f"{name}.weight"].detach()
+                one_offset = adapter.base.weight.detach() - weight
+                two_offset = tensors[f"{name}.base"] - weight
+                one_update = adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()
+                if initializer == "lora_one":
+                    assert torch.equal(tensors[f"{name}.base"], weight), (key, name)
+                    difference = torch.linalg.norm(tensors[f"{name}.effective"] - weight - one_update)
+                    assert float(difference / torch.linalg.norm(one_update)) < 1e-3, (key, name)
+                else:
+                    torch.testing.assert_close(tensors[f"{name}.effective"], weight, rtol=0, atol=1e-5)
+                    difference = torch.linalg.norm(two_offset - one_offset) / torch.linalg.norm(one_offset)
+                    assert float(difference) < 1e-3, (key, name, float(difference))
