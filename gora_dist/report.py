@@ -131,10 +131,36 @@ class GoRAPlan:
     lora_b: Dict[str, torch.Tensor]
     saved_state: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Full weights of ``config.modules_to_save`` ({"classifier.weight": ...}), trained in full."""
+    initial_a: Dict[str, torch.Tensor] = field(default_factory=dict)
+    initial_b: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """For initializers that offset the base (LoRA-GA, PiSSA): the A0/B0 the base was offset with,
+    W − s·B0·A0, when ``lora_a``/``lora_b`` hold other (trained) weights; empty: they are A0/B0."""
 
     @property
     def rank_map(self) -> Dict[str, int]:
         return self.report.rank_map
+
+    def initial(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A0, B0) of a layer: what its base offset is made of."""
+        if name in self.initial_a:
+            return self.initial_a[name], self.initial_b[name]
+        return self.lora_a[name], self.lora_b[name]
+
+    def with_trainable(self, tensors: Mapping[str, torch.Tensor]) -> "GoRAPlan":
+        """This plan (report, initial factors) holding a model's current trainable tensors instead."""
+        current = self.from_trainable(self.report, tensors)
+        current.initial_a, current.initial_b = self._initial_factors()
+        return current
+
+    def with_adapters(self, adapters: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> "GoRAPlan":
+        """As :meth:`with_trainable`, from {module: (A, B)}."""
+        current = self.from_adapters(self.report, adapters)
+        current.initial_a, current.initial_b = self._initial_factors()
+        return current
+
+    def _initial_factors(self):
+        names = self.lora_a
+        return ({name: self.initial(name)[0] for name in names}, {name: self.initial(name)[1] for name in names})
 
     @classmethod
     def from_adapters(cls, report: GoRAReport, adapters: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],

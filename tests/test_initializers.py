@@ -260,23 +260,78 @@ def test_initializer_bad_input_is_named():
         check_offset_bases(quantised, {"layer": None}, "pissa")
 
 
-def test_an_offset_initializer_is_not_saved_where_the_adapter_would_be_wrong(tmp_path):
-    """Until the converted (rank 2r) adapter is written, saving a LoRA-GA / PiSSA adapter is refused
-    everywhere rather than written for the offset base; LoRA-One saves as any adapter."""
-    from conftest import lm_batches
+@pytest.mark.parametrize("initializer", ["pissa", "lora_ga"])
+def test_a_trained_offset_adapter_loads_on_the_original_base(initializer, tmp_path):
+    """Trained a few steps from a PiSSA or LoRA-GA init, the adapter save_adapter writes is the rank-2r
+    conversion: PEFT's PeftModel.from_pretrained on the unmodified base gives the trained model's
+    logits, and so does load_plan + apply_plan on a fresh base (a resume: offset by A0/B0, trained
+    A/B installed). to_peft, whose PEFT model would save for the offset base, refuses."""
+    from conftest import lm_batches, tiny_llama
 
-    from gora_dist.launcher.arguments import load_config
-    from gora_dist.model.adapter_io import save_adapter
+    from gora_dist import to_peft
+    from gora_dist.model.adapter_io import load_plan, save_adapter
+    from gora_dist.pipeline.apply import apply_plan
 
-    model, _, _, report = ours("pissa", lm_batches(1))
-    with pytest.raises(ValueError, match=r"initializer=pissa offsets the base weight"):
-        save_adapter(model, str(tmp_path / "adapter"), report)
-    assert not (tmp_path / "adapter").exists()
-    with pytest.raises(ValueError, match=r"the launcher \(gora.initializer\): initializer=lora_ga offsets"):
-        load_config(["--gora.initializer", "lora_ga"])
-    model, _, _, report = ours("lora_one", lm_batches(1))
-    save_adapter(model, str(tmp_path / "one"), report)
-    assert (tmp_path / "one" / "adapter_model.safetensors").exists()
+    model, adapters, _, report = ours(initializer, lm_batches(2), rank=4)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for batch in lm_batches(3, seed=7):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    probe = lm_batches(1, seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        trained = model(input_ids=probe).logits
+    save_adapter(model, str(tmp_path / "adapter"), report)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {8} and config["lora_alpha"] == pytest.approx(8 * math.sqrt(2))
+
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
+    plan = load_plan(str(tmp_path / "adapter"))
+    assert plan.rank_map == report.rank_map
+    fresh = tiny_llama()
+    apply_plan(fresh, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"to_peft: initializer={initializer} offsets the base weight"):
+        to_peft(tiny_llama(), plan)
+
+
+def test_the_launcher_trains_resumes_and_ships_a_pissa_adapter(sft_folder, tmp_path):
+    """--gora.initializer pissa: a run interrupted at its step-3 checkpoint and resumed ends where the
+    uninterrupted one does (the resume offsets the base by the checkpoint's A0/B0 and installs its
+    trained A/B), and the final adapter on the unmodified base in PEFT gives our model's logits."""
+    import shutil
+
+    from gora_dist.launcher.runner import main
+    from gora_dist.model.adapter_io import load_plan
+    from gora_dist.launcher.models import load_model
+    from gora_dist.pipeline.apply import apply_plan
+
+    data, folder = sft_folder
+
+    def run(out, *extra):
+        main(["--model", folder, "--task", "sft", "--data", data, "--output-dir", str(out), "--train-examples", "64",
+              "--eval-examples", "4", "--gora.grad_steps", "1", "--max-new-tokens", "2", "--steps", "6",
+              "--checkpoint-every", "3", "--gora.initializer", "pissa", "--gora.svd", "exact", *extra])
+
+    run(tmp_path / "whole")
+    run(tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "adapter")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000006")
+    run(tmp_path / "cut", "--resume")
+    whole, cut = load_plan(str(tmp_path / "whole" / "adapter")), load_plan(str(tmp_path / "cut" / "adapter"))
+    for name in whole.lora_a:
+        for a, b in ((whole.lora_a, cut.lora_a), (whole.lora_b, cut.lora_b), (whole.initial_a, cut.initial_a)):
+            assert float(torch.linalg.norm(a[name] - b[name]) / torch.linalg.norm(a[name])) < 1e-4, name
+
+    ids = torch.tensor([[5, 17, 33, 2, 40, 41, 9]])
+    ours_model = load_model(folder)
+    apply_plan(ours_model, whole)
+    loaded = peft.PeftModel.from_pretrained(load_model(folder), str(tmp_path / "whole" / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours_model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 # --- world 2: FSDP2 and ZeRO-3 against one process (one spawn for both engines, all three) ---------

@@ -53,7 +53,7 @@ class GoRAAdapterSaver(_trainer_callback_base()):
     def _write(self, model, folder: str) -> None:
         adapters = gather_adapters(model)
         if rank_and_world()[0] == 0:
-            current = GoRAPlan.from_adapters(self.plan.report, adapters)
+            current = self.plan.with_adapters(adapters)
             save_plan(current, os.path.join(folder, self.subfolder), model)
 
     def on_save(self, args, state, control, model=None, **kwargs):

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from gora_dist.config import OFFSET_INITIALIZERS, GoRAConfig, offset_not_savable
+from gora_dist.config import GoRAConfig
 from gora_dist.launcher.ds_config import check_ds_config, read_ds_config
 from gora_dist.launcher.optimization import SCHEDULES
 from gora_dist.launcher.tasks.answers import MATCH_MODES
@@ -191,8 +191,6 @@ class TrainConfig:
         if self.task == "seq-cls" and not self.gora.modules_to_save:  # the new head trains in full
             head = ["classifier"] if self.model in BERT_MODELS else ["score"]
             self.gora = dataclasses.replace(self.gora, modules_to_save=head)
-        if self.gora.initializer in OFFSET_INITIALIZERS:
-            raise ValueError(offset_not_savable(self.gora.initializer, "the launcher (gora.initializer)"))
 
         if self.engine == "zero2" and (self.checkpoint_every or self.resume):
             raise ValueError(

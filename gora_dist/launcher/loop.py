@@ -26,7 +26,6 @@ from gora_dist.memory_trace import phase
 from gora_dist.model.devices import to_device
 from gora_dist.model.layers import adapters_disabled
 from gora_dist.pipeline.batches import global_batch_indices
-from gora_dist.report import GoRAPlan
 
 
 @dataclasses.dataclass
@@ -149,7 +148,7 @@ def finite_or_none(value: float):
 def _checkpoint(trainer, start: Start, config: TrainConfig, setup: Setup, step: int, record: dict,
                 history: dict) -> str:
     """Every rank joins the gathers; rank 0 writes; all wait for it. Returns the checkpoint's folder."""
-    current = GoRAPlan.from_trainable(start.plan.report, trainer.full_trainable())
+    current = start.plan.with_trainable(trainer.full_trainable())
     optimizer_state = trainer.full_optimizer_state()
     path = checkpoint_path(config.output_dir, step)
     if setup.main:

@@ -22,7 +22,7 @@ from gora_dist.launcher.targets import resolve_targets
 from gora_dist.launcher.tasks import Task
 from gora_dist.launcher.tasks.base import rank_batches
 from gora_dist.memory_trace import phase
-from gora_dist.model.adapter_io import save_plan
+from gora_dist.model.adapter_io import plan_from_converted, save_plan
 from gora_dist.pipeline.batches import global_batch_indices
 from gora_dist.report import GoRAPlan, GoRAReport
 
@@ -142,7 +142,10 @@ def _resume(config: TrainConfig, gora: GoRAConfig, setup: Setup, record: dict) -
     if state["step"] > config.steps:
         raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past steps={config.steps}; a "
                          f"resume never goes back to an earlier step: pass --steps {state['step']} or more")
-    plan = GoRAPlan.from_adapters(GoRAReport.from_dict(saved), weights, state.pop("saved_state"))
+    if saved.get("converted_for_original_base"):  # LoRA-GA / PiSSA: trained and initial halves
+        plan = plan_from_converted(GoRAReport.from_dict(saved), weights, state.pop("saved_state"))
+    else:
+        plan = GoRAPlan.from_adapters(GoRAReport.from_dict(saved), weights, state.pop("saved_state"))
     setup.say(f"resuming from {path} at step {state['step']} (world size {state.get('world_size')} -> {setup.world})")
     history = dict(state.get("history", {}))
     history["resumed_at"] = list(history.get("resumed_at", [])) + [state["step"]]

@@ -24,7 +24,7 @@ def save_final_adapter(trainer, plan: GoRAPlan, trained: Trained, metrics: dict,
     """Every rank joins the gather of the trained tensors; rank 0 writes. ``metrics``: metrics.json's
     content, which gets the run's wall time (since ``started``, a perf_counter reading)."""
     phase("final adapter")
-    final = GoRAPlan.from_trainable(plan.report, trainer.full_trainable())
+    final = plan.with_trainable(trainer.full_trainable())
     out = config.output_dir
     if setup.main:
         check_finite(final, {}, "the final adapter")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from gora_dist.config import OFFSET_INITIALIZERS, offset_not_savable
+from gora_dist.config import OFFSET_INITIALIZERS
 from gora_dist.method.initialization import rslora_scaling
 from gora_dist.model.layers import GoRALinear, gora_modules, install_adapters
 from gora_dist.model.targets import saved_modules
@@ -135,12 +135,28 @@ def _gora_metadata(ranks: Dict[str, int], scaling: Dict[str, float], report: Opt
     return data
 
 
+def converted_for_original_base(weights, initial, alpha: float, use_rslora: bool):
+    """For an adapter trained on an offset base W − s·B0·A0 (LoRA-GA, PiSSA): the rank-2r adapter
+    [A; A0], [B, −B0] whose s·B′A′ = s·(B·A − B0·A0) applies to the original W, and the α that keeps
+    each layer's scale s at rank 2r (α·√2 with rsLoRA, 2α without), as PEFT's
+    ``path_initial_model_for_weight_conversion`` writes it."""
+    missing = sorted(set(weights) - set(initial))
+    if missing:
+        raise ValueError(f"the initial A0/B0 of {missing[:3]} are unknown: cannot convert the adapter for the original base")
+    converted = {name: (torch.cat([lora_a.detach().float(), initial[name][0].float().to(lora_a.device)], dim=0),
+                        torch.cat([lora_b.detach().float(), -initial[name][1].float().to(lora_b.device)], dim=1))
+                 for name, (lora_a, lora_b) in weights.items()}
+    return converted, alpha * (2 ** 0.5 if use_rslora else 2.0)
+
+
 def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, report, task_type,
-                        modules_to_save=(), saved_state=None) -> None:
+                        modules_to_save=(), saved_state=None, initial=None) -> None:
     """weights: {module name: (A (r, in), B (out, r))}; saved_state: {"<module>.<param>": tensor} of
-    modules_to_save. ``model`` only informs the task type and base name."""
-    if report is not None and report.config.initializer in OFFSET_INITIALIZERS:
-        raise ValueError(offset_not_savable(report.config.initializer, f"saving an adapter to {path}"))
+    modules_to_save. ``model`` only informs the task type and base name. With an initializer that
+    offsets the base, ``initial`` ({module: (A0, B0)}) makes the written adapter the converted one."""
+    converted = report is not None and report.config.initializer in OFFSET_INITIALIZERS
+    if converted:
+        weights, alpha = converted_for_original_base(weights, initial or {}, alpha, use_rslora)
     ranks = {name: lora_a.shape[0] for name, (lora_a, _) in weights.items()}
     tensors = {f"{PEFT_PREFIX}{key}": value.detach().to("cpu", copy=True).contiguous()
                for key, value in (saved_state or {}).items()}
@@ -150,9 +166,10 @@ def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, rep
     scaling = {name: rslora_scaling(alpha, rank, use_rslora) for name, rank in ranks.items()}
     config = _peft_config(model, ranks=ranks, alpha=alpha, use_rslora=use_rslora, dropout=dropout, task_type=task_type,
                           modules_to_save=modules_to_save)
-    _write_atomically(path, {
-        WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: _gora_metadata(ranks, scaling, report, "peft"),
-    })
+    metadata = _gora_metadata(ranks, scaling, report, "peft")
+    if converted:
+        metadata["converted_for_original_base"] = True  # load_plan splits [A; A0], [B, -B0] back
+    _write_atomically(path, {WEIGHTS_FILE: tensors, CONFIG_FILE: config, GORA_FILE: metadata})
 
 
 def save_adapter(model: nn.Module, path: str, report: Optional[GoRAReport] = None, *, task_type: Optional[str] = None) -> None:
@@ -169,8 +186,10 @@ def save_adapter(model: nn.Module, path: str, report: Optional[GoRAReport] = Non
     names = report.config.modules_to_save if report is not None else ()
     saved_state = {key: p.detach() for key, p in model.named_parameters()
                    if key.startswith(tuple(f"{m}." for m in saved_modules(model, names)))} if names else {}
+    initial = {name: module.initial_factors for name, module in adapters.items() if hasattr(module, "initial_factors")}
     _write_peft_adapter(path, model, weights, alpha=alpha, use_rslora=use_rslora, dropout=dropout,
-                        report=report, task_type=task_type, modules_to_save=names, saved_state=saved_state)
+                        report=report, task_type=task_type, modules_to_save=names, saved_state=saved_state,
+                        initial=initial)
 
 
 def save_plan(plan, path: str, model: Optional[nn.Module] = None, *, task_type: Optional[str] = None) -> None:
@@ -181,7 +200,8 @@ def save_plan(plan, path: str, model: Optional[nn.Module] = None, *, task_type: 
     weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
     _write_peft_adapter(path, model, weights, alpha=config.alpha, use_rslora=config.use_rslora,
                         dropout=config.dropout, report=plan.report, task_type=task_type,
-                        modules_to_save=config.modules_to_save, saved_state=plan.saved_state)
+                        modules_to_save=config.modules_to_save, saved_state=plan.saved_state,
+                        initial={name: plan.initial(name) for name in plan.lora_a})
 
 
 def save_uniform_adapter(
@@ -249,8 +269,23 @@ def load_plan(path: str):
         raise ValueError(f"{os.path.join(path, GORA_FILE)} has no report (layers, config): it was saved without one, "
                          "so there is no plan to read back; use load_adapter")
     weights, saved_state = _saved_weights(path, gora["rank_map"])
-    return GoRAPlan(GoRAReport.from_dict(gora), {name: a.float() for name, (a, _) in weights.items()},
-                    {name: b.float() for name, (_, b) in weights.items()}, saved_state)
+    report = GoRAReport.from_dict(gora)
+    if not gora.get("converted_for_original_base"):
+        return GoRAPlan(report, {name: a.float() for name, (a, _) in weights.items()},
+                        {name: b.float() for name, (_, b) in weights.items()}, saved_state)
+    return plan_from_converted(report, weights, saved_state)
+
+
+def plan_from_converted(report: GoRAReport, weights, saved_state):
+    """A GoRAPlan from a converted adapter's {module: ([A; A0], [B, −B0])} of rank 2r: the trained
+    halves as its A/B, the initial ones (what the base is offset by) as ``initial_a``/``initial_b``."""
+    from gora_dist.report import GoRAPlan
+
+    ranks = report.rank_map
+    return GoRAPlan(report, {n: a[:ranks[n]].float() for n, (a, _) in weights.items()},
+                    {n: b[:, :ranks[n]].float() for n, (_, b) in weights.items()}, dict(saved_state),
+                    initial_a={n: a[ranks[n]:].float() for n, (a, _) in weights.items()},
+                    initial_b={n: -b[:, ranks[n]:].float() for n, (_, b) in weights.items()})
 
 
 def load_adapter(model: nn.Module, path: str) -> Optional[GoRAReport]:

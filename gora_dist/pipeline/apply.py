@@ -47,7 +47,9 @@ def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
     average_beside_shards(model, [p for m in adapters.values() for p in (m.lora_A, m.lora_B)])
     if offset:  # LoRA-GA / PiSSA: the base becomes W − s·B0·A0, each rank its own elements
         for name, adapter in adapters.items():
-            offset_base(adapter.base.weight, plan.lora_a[name], plan.lora_b[name], adapter.scaling, name)
+            initial_a, initial_b = plan.initial(name)
+            offset_base(adapter.base.weight, initial_a, initial_b, adapter.scaling, name)
+            adapter.initial_factors = (initial_a, initial_b)  # for save_adapter's conversion
     return adapters
 
 
