@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import lm_batches, tiny_llama  # noqa: E402
+from worker import finish  # noqa: E402
 
 import gora_dist.pipeline.svd_init as svd_init  # noqa: E402
 from gora_dist import GoRAConfig, gora_modules  # noqa: E402
@@ -108,13 +110,7 @@ def main():
                 tensors[f"{name}.base"], tensors[f"{name}.effective"] = base, base + update
             if rank == 0:
                 save_file(tensors, os.path.join(out_dir, f"{key}.safetensors"))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump(facts, handle)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as worker.py: no interpreter finalisation under gloo threads
+    finish(out_dir, rank, facts)
 
 
 if __name__ == "__main__":

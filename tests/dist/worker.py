@@ -118,6 +118,11 @@ def main():
         # (ZeRO-3: tests/test_trainer_integration.py's TRL run, which costs no extra spawn)
         facts["peft_losses"], facts["peft_base_unchanged"], facts["peft_checksum"] = train(
             engine, sharded_model(engine), plan, rank, world, install=gora_dist.to_peft)
+    finish(out_dir, rank, facts)
+
+
+def finish(out_dir, rank, facts):
+    """Write this rank's facts, leave the process group together, and exit."""
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(facts, handle)
     dist.barrier()
