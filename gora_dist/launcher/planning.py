@@ -22,7 +22,8 @@ from gora_dist.launcher.targets import resolve_targets
 from gora_dist.launcher.tasks import Task
 from gora_dist.launcher.tasks.base import rank_batches
 from gora_dist.memory_trace import phase
-from gora_dist.model.adapter_io import plan_from_converted, save_plan
+from gora_dist.model.adapter_io import save_plan
+from gora_dist.model.converted_adapter import plan_from_converted
 from gora_dist.pipeline.batches import global_batch_indices
 from gora_dist.report import GoRAPlan, GoRAReport
 
