@@ -21,16 +21,6 @@ OFFSET_INITIALIZERS = ("lora_ga", "pissa")
 """Initialisations that move the base weight (W − s·B0·A0), so the adapter a user ships is converted."""
 
 
-def offset_not_savable(initializer: str, where: str) -> str:
-    """Why ``where`` refuses an offset initializer: the PEFT or Trainer side would save the adapter
-    for the offset base, which is wrong on the original model."""
-    return (f"{where}: initializer={initializer} offsets the base weight (W - s·B0·A0), and the adapter PEFT or "
-            "the Trainer saves from there applies to the offset base only, not to the original model. Use the "
-            "launcher, or apply_gora / estimate_plan + apply_plan with save_adapter / save_plan, which write it "
-            "converted for the original base (rank 2r, as PEFT's path_initial_model_for_weight_conversion); or "
-            "initializer='lora_one' or 'gora'")
-
-
 @dataclass(kw_only=True)
 class GoRAConfig:
     """Options of GoRA's gradient estimation, rank allocation and initialisation."""

@@ -251,7 +251,7 @@ def test_initializer_bad_input_is_named():
     config = GoRAConfig(target_modules=["k_proj"], allocator="uniform", rank_ref=16, initializer="lora_ga", grad_steps=1)
     with pytest.raises(ValueError, match=r"needs 2 x rank <= min\(out, in\).*model.layers.0.self_attn.k_proj \(rank 16, weight 24x48\)"):
         apply_gora(tiny_llama(), lm_batches(1), config)
-    from gora_dist.pipeline.apply import check_offset_bases
+    from gora_dist.model.base_offset import check_offset_bases
 
     quantised = nn.Module()
     quantised.layer = nn.Module()
@@ -265,7 +265,8 @@ def test_a_trained_offset_adapter_loads_on_the_original_base(initializer, tmp_pa
     """Trained a few steps from a PiSSA or LoRA-GA init, the adapter save_adapter writes is the rank-2r
     conversion: PEFT's PeftModel.from_pretrained on the unmodified base gives the trained model's
     logits, and so does load_plan + apply_plan on a fresh base (a resume: offset by A0/B0, trained
-    A/B installed). to_peft, whose PEFT model would save for the offset base, refuses."""
+    A/B installed), and so does to_peft of that plan, whose own save_pretrained and load_adapter keep
+    to the original base."""
     from conftest import lm_batches, tiny_llama
 
     from gora_dist import to_peft
@@ -294,8 +295,26 @@ def test_a_trained_offset_adapter_loads_on_the_original_base(initializer, tmp_pa
     apply_plan(fresh, plan)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match=rf"to_peft: initializer={initializer} offsets the base weight"):
-        to_peft(tiny_llama(), plan)
+    # to_peft of the read-back plan: PEFT's layers on the base offset by A0/B0, the trained model again;
+    # its own save_pretrained writes the adapter for the original base (staged, converted, moved in)
+    peft_model = to_peft(tiny_llama(), plan)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert sorted(os.listdir(tmp_path / "peft")) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                      "gora.json"]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".gora-save-")]  # no staging left
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["rank_pattern"] == config["rank_pattern"]
+    again = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
+    # load_adapter of that folder back into the offset PEFT model (what the Trainer's resume calls)
+    fresh_peft = to_peft(tiny_llama(), plan.with_adapters({n: (plan.initial(n)[0], plan.initial(n)[1]) for n in plan.lora_a}))
+    fresh_peft.load_adapter(str(tmp_path / "peft"), "default", is_trainable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh_peft(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="safetensors only"):
+        peft_model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
 
 
 def test_the_launcher_trains_resumes_and_ships_a_pissa_adapter(sft_folder, tmp_path):

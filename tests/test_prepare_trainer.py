@@ -125,7 +125,9 @@ def test_the_trainer_trains_and_saves_the_plan_as_its_peft_model(smol_chat_model
         torch.testing.assert_close(loaded(input_ids=ids).logits.float(), trainer.model(input_ids=ids).logits.float())
 
     # resumed from the step-2 checkpoint: the saved plan, no estimation, the same losses onwards
-    assert os.path.isfile(tmp_path / "run" / "checkpoint-2" / "gora_adapter" / "gora.json")
+    # gora.json beside the Trainer's own PEFT adapter; no second adapter folder for its resume to load
+    assert os.path.isfile(tmp_path / "run" / "checkpoint-2" / "gora.json")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-2" / "gora_adapter")
     resumed = sft_trainer(smol_chat_model, tmp_path / "run", save_strategy="steps", save_steps=2,
                           resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     resumed.get_train_dataloader = None  # estimating would need it
@@ -136,6 +138,46 @@ def test_the_trainer_trains_and_saves_the_plan_as_its_peft_model(smol_chat_model
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     continued = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
     assert continued[-2:] == pytest.approx(losses[-2:], rel=1e-5)
+
+
+def test_a_pissa_run_offsets_the_base_saves_for_the_original_and_resumes(smol_chat_model, tmp_path):
+    """prepare_trainer(trainer, initializer="pissa"): the LoraConfig's budget, PiSSA's factors, the base
+    offset so the model computes what it did; every adapter the Trainer writes (checkpoints, save_model)
+    is the rank-2r one for the original base and loads with PEFT alone to the trained logits; a run
+    resumed from a checkpoint goes through the model's load_adapter and continues the losses."""
+    from gora_dist.integrations import prepare_trainer
+
+    trainer = sft_trainer(smol_chat_model, tmp_path / "run", save_strategy="steps", save_steps=2)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        before = trainer.model(input_ids=ids).logits
+    plan = prepare_trainer(trainer, initializer="pissa", grad_steps=1)
+    assert plan.report.config.initializer == "pissa" and plan.report.config.rank_ref == 4
+    with torch.no_grad():  # base - s·B0·A0 + s·B0·A0, in float32
+        torch.testing.assert_close(trainer.model(input_ids=ids).logits, before, rtol=0, atol=1e-4)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-2"):
+        saved = json.load(open(folder / "adapter_config.json"))
+        assert {k.replace("\\", ""): v for k, v in saved["rank_pattern"].items()} == {
+            name: 2 * rank for name, rank in plan.rank_map.items()}, folder
+        assert saved["lora_alpha"] == pytest.approx(8 * 2 ** 0.5)
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(smol_chat_model),
+                                            str(tmp_path / "final")).eval()
+    trainer.model.eval()
+    trained = trainer.model.get_base_model()  # LoRA layers in; not the forward accelerate wrapped in bf16 autocast
+    with torch.no_grad():  # in float32: under autocast W and W - s·B0·A0 round differently
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed = sft_trainer(smol_chat_model, tmp_path / "run", save_strategy="steps", save_steps=2,
+                          resume_from_checkpoint=checkpoint)
+    assert prepare_trainer(resumed, initializer="pissa").rank_map == plan.rank_map
+    resumed.train(resume_from_checkpoint=checkpoint)
+    continued = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+    assert continued[-2:] == pytest.approx(losses[-2:], rel=1e-5)
+    assert list(resumed.model.peft_config) == ["default"]  # the resume loaded no other adapter
 
 
 class WeightedLoss(transformers.Trainer):
@@ -179,13 +221,16 @@ def test_a_trainers_own_collator_and_compute_loss_are_what_gora_differentiates(t
     (dict(lora=dict(use_dora=True)), "LoraConfig.use_dora=True: GoRA cannot express it"),
     (dict(lora=dict(rank_pattern={"q_proj": 8})), "LoraConfig.rank_pattern="),
     (dict(lora=dict(init_lora_weights="pissa")), "LoraConfig.init_lora_weights='pissa'"),
+    (dict(lora=dict(init_lora_weights="pissa")), "call prepare_trainer(trainer, initializer='pissa' or 'lora_ga')"),
     (dict(config=dict(target_modules=["nope"])), "no module matches target_modules=('nope',); the model's nn.Linear "
                                                 "modules are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', "
                                                 "'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     (dict(config=dict(target_modules=TARGETS, grad_steps=50)),
      "the trainer's dataloader has 24 micro-batches on this rank; GoRA needs 100 (grad_steps=50 optimizer steps x 2"),
     (dict(trained=True), "the trainer has trained 1 steps already"),
-    (dict(resume="nowhere"), "resume_from_checkpoint=nowhere: no gora_adapter/gora.json there"),
+    (dict(resume="nowhere"), "resume_from_checkpoint=nowhere: no gora.json there (nor in gora_adapter/)"),
+    (dict(options=dict(initialiser="pissa")), "prepare_trainer: ['initialiser'] are not GoRAConfig fields"),
+    (dict(options=dict(initializer="pisa")), "initializer='pisa' is not one of ['gora', 'lora_ga', 'lora_one', 'pissa']"),
 ])
 def test_bad_input_is_refused_before_any_estimation(smol_chat_model, tmp_path, change, message):
     from gora_dist.integrations import prepare_trainer
@@ -199,7 +244,7 @@ def test_bad_input_is_refused_before_any_estimation(smol_chat_model, tmp_path, c
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     config = GoRAConfig(**change["config"]) if "config" in change else None
     with pytest.raises(ValueError) as raised:
-        prepare_trainer(trainer, config)
+        prepare_trainer(trainer, config, **change.get("options", {}))
     assert message in str(raised.value)
     after = dict(trainer.model.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)  # untouched

@@ -110,7 +110,7 @@ def test_accelerate_finds_the_blocks_of_a_model_gora_sharded_itself(monkeypatch)
 # --- two ranks: the Trainer, TRL and accelerate under ZeRO-3, FSDP2 and DDP (tests/dist/trainer_worker.py) ---
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-from trainer_worker import CONFIG as WORKER_CONFIG, PER_DEVICE, TRL_PER_DEVICE, sft_arguments, trl_lora  # noqa: E402
+from trainer_worker import CONFIG as WORKER_CONFIG, PER_DEVICE, PROBE, TRL_PER_DEVICE, sft_arguments, trl_lora  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "trainer_worker.py")
 
@@ -204,6 +204,21 @@ def test_trainer_and_trl_under_zero3_at_two_ranks_and_a_resumed_checkpoint(tmp_p
     # TRL given the model by name under ZeRO-3, its LoraConfig, then prepare_trainer(trainer)
     assert all(fact["partitioned"] for fact in facts(tmp_path, "trl_zero3"))
     check_trl(facts(tmp_path, "trl_zero3"), trl_one_process_plan, smol_chat_model, tmp_path / "trl_zero3" / "adapter")
+    # TRL + prepare_trainer(trainer, initializer="lora_ga", allocator="uniform") under ZeRO-3 (v_proj is 16 x 32:
+    # LoRA-GA needs 2r <= 16, so LoRA's r = 4 everywhere): each rank offset its partition of
+    # the base; TRL's saved adapter is the rank-2r one that gives the trained model on the original base
+    lora_ga = facts(tmp_path, "trl_lora_ga_zero3")
+    assert all(fact["partitioned"] and not fact["base_unchanged"] for fact in lora_ga)
+    assert lora_ga[0]["losses"][-1] < lora_ga[0]["losses"][0]
+    folder = tmp_path / "trl_lora_ga_zero3" / "adapter"
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert {k.replace("\\", ""): v for k, v in saved["rank_pattern"].items()} == {
+        name: 2 * rank for name, rank in lora_ga[0]["rank_map"].items()}
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(smol_chat_model), folder)
+    with torch.no_grad():
+        logits = loaded(input_ids=torch.tensor(PROBE)).logits[0, :, :64]
+    for fact in lora_ga:
+        torch.testing.assert_close(logits, torch.tensor(fact["probe"]), rtol=0, atol=1e-5)
 
 
 def test_accelerate_fsdp2_and_the_trainer_under_fsdp2_at_two_ranks(tmp_path, one_process_plan, trl_one_process_plan,

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from gora_dist.comm.gather import full_parameters
 from gora_dist.integrations.run_plan import rank_and_world
-from gora_dist.model.adapter_io import save_plan
+from gora_dist.model.adapter_io import GORA_FILE, save_plan, write_plan_metadata
 from gora_dist.report import GoRAPlan
 
 SUBFOLDER = "gora_adapter"
@@ -44,8 +44,13 @@ def _trainer_callback_base():
 
 
 class GoRAAdapterSaver(_trainer_callback_base()):
-    """Writes the adapters in PEFT format (+ gora.json) into each Trainer checkpoint folder
-    (``checkpoint-N/gora_adapter``) and into ``output_dir/gora_adapter`` at the end of training."""
+    """The plan in every Trainer checkpoint and at the end of training.
+
+    GoRA's own layers: the adapters in PEFT format with gora.json in ``checkpoint-N/gora_adapter`` and
+    ``output_dir/gora_adapter``. A PEFT model: the Trainer's checkpoint holds its adapter already
+    (converted for the original base by ``model/peft_offset`` where the base is offset), so only
+    gora.json goes beside it; a second adapter folder there would be loaded by the Trainer's resume
+    as another adapter."""
 
     def __init__(self, plan: GoRAPlan, subfolder: str = SUBFOLDER) -> None:
         self.plan, self.subfolder = plan, subfolder
@@ -57,7 +62,23 @@ class GoRAAdapterSaver(_trainer_callback_base()):
             save_plan(current, os.path.join(folder, self.subfolder), model)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self._write(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        peft_folder = _peft_adapter_folder(model, checkpoint)
+        if peft_folder is None:
+            self._write(model, checkpoint)
+        elif rank_and_world()[0] == 0 and not os.path.isfile(os.path.join(peft_folder, GORA_FILE)):
+            write_plan_metadata(peft_folder, self.plan.report)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._write(model, args.output_dir)
+
+
+def _peft_adapter_folder(model, checkpoint: str):
+    """Where the Trainer wrote the PEFT model's adapter in ``checkpoint`` (PEFT's layout: the default
+    adapter at the top, another in its own subfolder); None for a model that is not a PEFT model."""
+    inner = getattr(model, "module", model)  # a DDP wrapper
+    configs = getattr(inner, "peft_config", None)
+    if not isinstance(configs, dict) or not hasattr(inner, "active_adapters"):
+        return None
+    name = inner.active_adapters[0]
+    return checkpoint if name == "default" else os.path.join(checkpoint, name)

@@ -56,8 +56,11 @@ def check_expressible(config) -> None:
                          "name; leave exclude_modules empty and narrow target_modules")
     init = getattr(config, "init_lora_weights", True)
     if init not in _INITIALISATIONS:
+        hint = (" For PiSSA or LoRA-GA keep init_lora_weights=True and call prepare_trainer(trainer, "
+                "initializer='pissa' or 'lora_ga'): GoRA runs them sharded, PEFT's own would already have rewritten "
+                "the base") if str(init).lower().startswith(("pissa", "lora_ga")) else ""
         raise ValueError(f"LoraConfig.init_lora_weights={init!r}: GoRA initialises the adapters itself (A0, B0); "
-                         f"use True or 'gaussian'")
+                         f"use True or 'gaussian'.{hint}")
 
 
 def adapted_layers(peft_model, adapter_name: str) -> List[str]:

@@ -35,7 +35,7 @@ from gora_dist.report import GoRAPlan
 
 
 def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: Optional[str] = None,
-                    engine: str = "auto", as_peft: bool = False) -> GoRAPlan:
+                    engine: str = "auto", as_peft: bool = False, **options) -> GoRAPlan:
     """Estimate GoRA's plan for ``trainer`` and put it into the trainer's model; returns the plan.
 
     config: GoRA's options; None takes them from the trainer's PEFT LoraConfig (its layers, ``r`` as
@@ -45,6 +45,11 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
     resumed from a checkpoint (``args.resume_from_checkpoint``) reads the plan saved there.
     engine: ``auto`` (the trainer's), or ``zero3``/``fsdp2``/``ddp``/``local``.
     as_peft: without a PEFT model in the trainer, put in a ``PeftModel`` (instead of GoRA's layers).
+    options: GoRAConfig fields that replace the config's (or the LoraConfig's), e.g.
+    ``initializer="pissa"``, ``allocator="uniform"``, ``grad_steps=16``.
+
+    With ``initializer`` ``lora_ga`` or ``pissa`` each rank offsets its own part of the base, and every
+    adapter the trainer or PEFT saves is the rank-2r one for the original base (``model/peft_offset``).
     """
     _refuse_started(trainer)
     model = trainer.model
@@ -58,12 +63,13 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
         layers = adapted_layers(model, adapter_name)
         if config is None:
             config = gora_config_from_lora(lora, short_targets(layers, _linear_layers(model)), seed=trainer.args.seed)
+    config = with_options(config, options)
     _check_targets(model, config.target_modules, peft)
     per_step = micro_batches_per_step(trainer)
     if config.adaptive_grad_steps and per_step > 1:
         raise ValueError(f"adaptive_grad_steps counts backward passes; with gradient_accumulation_steps={per_step} it "
                          "could stop inside an optimizer step: turn it off")
-    plan_from = plan_from if plan_from is not None else resumed_plan_folder(trainer.args)
+    plan_from = plan_from if plan_from is not None else resumed_plan_folder(trainer.args, adapter_name if peft else None)
     loader = None
     if plan_from is None:
         loader = trainer.get_train_dataloader()
@@ -97,6 +103,16 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
     return plan
 
 
+def with_options(config: GoRAConfig, options: dict) -> GoRAConfig:
+    """``config`` with the given fields replaced (checked as any GoRAConfig); an unknown name is refused
+    with the fields there are."""
+    known = {field.name for field in dataclasses.fields(GoRAConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"prepare_trainer: {unknown} are not GoRAConfig fields; they are {sorted(known)}")
+    return dataclasses.replace(config, **options) if options else config
+
+
 def plan_summary(plan: GoRAPlan, engine: str, *, estimated: bool) -> str:
     """One line for the run's log: the ranks, the budget, and what the plan cost (or where it came from)."""
     report = plan.report
@@ -110,9 +126,10 @@ def plan_summary(plan: GoRAPlan, engine: str, *, estimated: bool) -> str:
             f"{timings.get('gradient_s', 0.0):.1f} s, ranks and A0/B0 in {timings.get('init_s', 0.0):.1f} s")
 
 
-def resumed_plan_folder(args) -> Optional[str]:
+def resumed_plan_folder(args, adapter_name: Optional[str] = None) -> Optional[str]:
     """The plan saved in the checkpoint a run resumes from (``resume_from_checkpoint``: a folder, or
-    true for the last one in ``output_dir``); None for a fresh run."""
+    true for the last one in ``output_dir``): gora.json beside the PEFT adapter ``adapter_name``, or in
+    ``gora_adapter/``; None for a fresh run."""
     resume = getattr(args, "resume_from_checkpoint", None)
     if resume is None or resume is False or str(resume).strip().lower() in ("", "false", "none"):
         return None
@@ -123,12 +140,14 @@ def resumed_plan_folder(args) -> Optional[str]:
         checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if checkpoint is None:
             raise ValueError(f"resume_from_checkpoint=True: no checkpoint-N folder in {args.output_dir}")
-    folder = os.path.join(checkpoint, SUBFOLDER)
-    if not os.path.isfile(os.path.join(folder, "gora.json")):
-        raise ValueError(f"resume_from_checkpoint={checkpoint}: no {SUBFOLDER}/gora.json there, so no GoRA plan to "
-                         "resume (prepare_trainer writes it into each checkpoint); pass plan_from= an adapter folder "
-                         "with gora.json")
-    return folder
+    places = [checkpoint if adapter_name in (None, "default") else os.path.join(checkpoint, adapter_name),
+              os.path.join(checkpoint, SUBFOLDER)]  # beside the Trainer's PEFT adapter; GoRA's layers' folder
+    for folder in places:
+        if os.path.isfile(os.path.join(folder, "gora.json")):
+            return folder
+    raise ValueError(f"resume_from_checkpoint={checkpoint}: no gora.json there (nor in {SUBFOLDER}/), so no GoRA plan "
+                     "to resume (prepare_trainer writes it into each checkpoint); pass plan_from= an adapter folder "
+                     "with gora.json")
 
 
 def _refuse_started(trainer) -> None:

@@ -45,11 +45,8 @@ def plan_for_run(model: nn.Module, batches: Optional[Iterable], config: GoRAConf
     """The plan estimated under ``engine`` on ``batches`` (this rank's micro-batches), or read from
     ``plan_from``; the model is left as the engine holds it (FSDP2: sharded here first, as the run's
     FSDP2 would shard it, so accelerate takes it as it is)."""
-    from gora_dist.config import OFFSET_INITIALIZERS, offset_not_savable
     from gora_dist.pipeline.sharded import estimate_plan
 
-    if config.initializer in OFFSET_INITIALIZERS:  # before any collective or sharding
-        raise ValueError(offset_not_savable(config.initializer, "the Trainer integration"))
     if engine == "fsdp2":
         shard_fsdp2(model, args, accelerator)
     if plan_from is not None:

@@ -136,6 +136,18 @@ def _gora_metadata(ranks: Dict[str, int], scaling: Dict[str, float], report: Opt
     return data
 
 
+def write_plan_metadata(folder: str, report: GoRAReport) -> None:
+    """gora.json (the report, as ``save_plan`` writes it) beside a PEFT adapter another writer saved
+    in ``folder``: the plan ``load_plan`` reads back with that adapter's weights."""
+    scaling = {name: rslora_scaling(report.config.alpha, rank, report.config.use_rslora)
+               for name, rank in report.rank_map.items() if rank > 0}
+    path = os.path.join(folder, GORA_FILE)
+    staged = path + ".tmp"
+    with open(staged, "w") as handle:
+        json.dump(_gora_metadata(report.rank_map, scaling, report, "peft"), handle, indent=2)
+    os.replace(staged, path)
+
+
 def _write_peft_adapter(path, model, weights, *, alpha, use_rslora, dropout, report, task_type,
                         modules_to_save=(), saved_state=None, initial=None) -> None:
     """weights: {module name: (A (r, in), B (out, r))}; saved_state: {"<module>.<param>": tensor} of

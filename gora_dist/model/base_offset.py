@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from gora_dist.method.initializers import shard_base_offset
 from gora_dist.method.shards import FlatShard
@@ -41,3 +42,15 @@ def offset_base(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     with torch.no_grad():
         delta = shard_base_offset(lora_a.to(local.device), lora_b.to(local.device), scaling, shard)
         local.copy_((local.float() + delta).to(local.dtype))
+
+
+def check_offset_bases(model: nn.Module, weights, initializer: str) -> None:
+    """Before anything changes: every base an offset initializer rewrites is materialised and float."""
+    for name in weights:
+        weight = model.get_submodule(name).weight
+        if weight.device.type == "meta" and not hasattr(weight, "ds_tensor"):
+            raise ValueError(f"{name}: initializer={initializer} rewrites the base weight, which is on meta here; "
+                             "apply the plan after the weights are loaded")
+        if not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
+            raise ValueError(f"{name}: the base weight is {weight.dtype}; initializer={initializer} rewrites it "
+                             "(W - s·B0·A0) and needs a float32/float16/bfloat16 base")

@@ -19,7 +19,10 @@ import torch.nn as nn
 
 from gora_dist.comm.gather import write_full
 from gora_dist.comm.replicated import average_beside_shards
+from gora_dist.config import OFFSET_INITIALIZERS
+from gora_dist.model.base_offset import check_offset_bases, offset_base
 from gora_dist.model.layers import GoRALinear, check_adapters_fit
+from gora_dist.model.peft_offset import keep_original_base_files
 
 
 def lora_config(plan, *, task_type: Optional[str] = None, inference_mode: bool = False):
@@ -57,11 +60,7 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
     """
     from peft import get_peft_model
 
-    from gora_dist.config import OFFSET_INITIALIZERS, offset_not_savable
     from gora_dist.model.adapter_io import peft_task_type
-
-    if plan.report.config.initializer in OFFSET_INITIALIZERS:
-        raise ValueError(offset_not_savable(plan.report.config.initializer, "to_peft"))
 
     _check_fits(model, plan)
     config = lora_config(plan, task_type=task_type if task_type is not None else peft_task_type(model))
@@ -86,7 +85,10 @@ def plan_into_peft(peft_model, plan, *, adapter_name: str = "default") -> None:
 def _check_fits(model: nn.Module, plan) -> None:
     if any(isinstance(module, GoRALinear) for module in model.modules()):
         raise ValueError("the model already has GoRA layers: pass it as loaded (to_peft adds PEFT's own layers)")
-    check_adapters_fit(model, {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a})
+    weights = {name: (plan.lora_a[name], plan.lora_b[name]) for name in plan.lora_a}
+    check_adapters_fit(model, weights)
+    if plan.report.config.initializer in OFFSET_INITIALIZERS:
+        check_offset_bases(model, weights, plan.report.config.initializer)
     sharding = _sharding(model)
     if plan.saved_state and sharding is not None:
         raise ValueError(f"modules_to_save={list(plan.report.config.modules_to_save)} with a {sharding}-sharded model: "
@@ -95,14 +97,21 @@ def _check_fits(model: nn.Module, plan) -> None:
 
 def _write_plan(peft_model, model: nn.Module, plan, adapter_name: str) -> None:
     """A0/B0 (and the saved modules) into PEFT's layers; under FSDP2 the replicated adapters'
-    gradients averaged once per backward."""
+    gradients averaged once per backward. LoRA-GA / PiSSA: each rank offsets its own part of each
+    base weight by s·B0·A0, and the model's adapter files are written for the original base."""
     inner = peft_model.base_model.model
+    offset = plan.report.config.initializer in OFFSET_INITIALIZERS
     lora_params = []
     for name in plan.lora_a:
         layer = inner.get_submodule(name)
         for module, value in ((layer.lora_A[adapter_name], plan.lora_a[name]), (layer.lora_B[adapter_name], plan.lora_b[name])):
             write_full(module.weight, value)
             lora_params.append(module.weight)
+        if offset:
+            initial_a, initial_b = plan.initial(name)
+            offset_base(layer.get_base_layer().weight, initial_a, initial_b, layer.scaling[adapter_name], name)
+    if offset:
+        keep_original_base_files(peft_model, adapter_name, plan)
     for key, value in plan.saved_state.items():  # modules_to_save: PEFT's trainable copy of each
         module_name, param_name = key.rsplit(".", 1)
         wrapper = inner.get_submodule(module_name)

@@ -15,7 +15,7 @@ from gora_dist.comm.gather import write_full
 from gora_dist.comm.replicated import average_beside_shards
 from gora_dist.config import OFFSET_INITIALIZERS, GoRAConfig, gamma_candidates
 from gora_dist.engines.base import LocalEngine
-from gora_dist.model.base_offset import offset_base
+from gora_dist.model.base_offset import check_offset_bases, offset_base
 from gora_dist.model.devices import to_device
 from gora_dist.model.layers import GoRALinear, install_adapters, set_submodule
 from gora_dist.model.loss import LossFn, batch_loss
@@ -51,18 +51,6 @@ def apply_plan(model: nn.Module, plan: GoRAPlan) -> Dict[str, GoRALinear]:
             offset_base(adapter.base.weight, initial_a, initial_b, adapter.scaling, name)
             adapter.initial_factors = (initial_a, initial_b)  # for save_adapter's conversion
     return adapters
-
-
-def check_offset_bases(model: nn.Module, weights, initializer: str) -> None:
-    """Before anything changes: every base an offset initializer rewrites is materialised and float."""
-    for name in weights:
-        weight = model.get_submodule(name).weight
-        if weight.device.type == "meta" and not hasattr(weight, "ds_tensor"):
-            raise ValueError(f"{name}: initializer={initializer} rewrites the base weight, which is on meta here; "
-                             "apply the plan after the weights are loaded")
-        if not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
-            raise ValueError(f"{name}: the base weight is {weight.dtype}; initializer={initializer} rewrites it "
-                             "(W - s·B0·A0) and needs a float32/float16/bfloat16 base")
 
 
 def copy_plan_into_adapters(model: nn.Module, plan: GoRAPlan) -> None:

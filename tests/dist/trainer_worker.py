@@ -143,6 +143,8 @@ def zero3_scenarios(out, model_folder):
 
     # TRL's SFTTrainer given the model by name under ZeRO-3 (so it loads partitioned), with its PEFT config
     trl_run(out, "trl_zero3", model_folder, deepspeed=DS_CONFIG)
+    # LoRA-GA through the same call: each rank offsets its partition, the saved adapter is for the original base
+    trl_run(out, "trl_lora_ga_zero3", model_folder, deepspeed=DS_CONFIG, gora_options={"initializer": "lora_ga", "allocator": "uniform"})
 
 
 def sft_arguments(out, per_device=TRL_PER_DEVICE, **extra):
@@ -163,9 +165,13 @@ def trl_lora():
     return LoraConfig(r=4, lora_alpha=8, target_modules=TRL_TARGETS, task_type="CAUSAL_LM")
 
 
-def trl_run(out, scenario, model_folder, engine="auto", **extra):
+PROBE = [[1, 5, 9, 42, 7, 3]]
+
+
+def trl_run(out, scenario, model_folder, engine="auto", gora_options=None, **extra):
     """TRL's own setup, as its sft.py builds it (model by name, raw chat records, a LoraConfig), then
-    GoRA's one call; trains, saves the PEFT adapter and writes the facts."""
+    GoRA's one call (with ``gora_options``); trains, saves the PEFT adapter and writes the facts, with
+    the trained model's logits on PROBE (every rank runs the forward: a collective when sharded)."""
     import datasets
     from safetensors.torch import load_file
     from trl import SFTTrainer
@@ -178,13 +184,16 @@ def trl_run(out, scenario, model_folder, engine="auto", **extra):
     partitioned = all(hasattr(p, "ds_id") for n, p in trainer.model.named_parameters() if ".lora_" not in n)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = prepare_trainer(trainer, engine=engine)
+        plan = prepare_trainer(trainer, engine=engine, **(gora_options or {}))
     trainer.train()
     trainer.save_model(os.path.join(out, scenario, "adapter"))
+    with torch.no_grad():  # the model with its LoRA layers, outside accelerate's wrapped forward
+        probe = trainer.model.get_base_model()(input_ids=torch.tensor(PROBE)).logits[0, :, :64]
     write(out, scenario, losses=losses_of(trainer), is_peft=type(trainer.model).__name__, partitioned=partitioned,
           base_unchanged=base_unchanged(trainer.model, load_file(os.path.join(model_folder, "model.safetensors"))),
           sharded_weights=sharded_weights(trainer.model), fsdp2=trainer.accelerator.is_fsdp2,
-          warnings=[str(w.message) for w in caught if "GoRA" in str(w.message)], checksum=adapter_checksum(trainer.model), **plan_facts(plan))
+          warnings=[str(w.message) for w in caught if "GoRA" in str(w.message)], checksum=adapter_checksum(trainer.model),
+          probe=probe.tolist(), **plan_facts(plan))
     next_run(trainer)
 
 
