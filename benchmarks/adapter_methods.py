@@ -119,6 +119,8 @@ def methods(setting: MethodSetting, names: Optional[Sequence[str]] = None) -> Di
         "GoRA fixed ranks": _gora(setting, rank_min=setting.rank, rank_max=setting.rank),
         "GeLoRA ranks (GoRA init)": _gora(setting, allocator="gelora", gelora_scale_to_budget=True),
         "GoRA γ search": _gora(setting, adaptive_gamma=True),
+        "LoRA-One": _gora(setting, allocator="uniform", initializer="lora_one"),
+        "GoRA ranks (LoRA-One init)": _gora(setting, initializer="lora_one"),
     }
     if names is None:
         return table
