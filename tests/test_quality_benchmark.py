@@ -63,7 +63,7 @@ def test_sft_quick_mode_runs_every_method_phase_and_claim(tmp_path):
     finally:
         sys.path.pop(0)
     rows = {row["method"]: row for row in summary["rows"]}
-    assert set(rows) == set(METHODS) and len(METHODS) == 12
+    assert set(rows) == set(METHODS) and len(METHODS) == 14
     for method, row in rows.items():
         assert row["diverged"] == 0 and math.isfinite(row["final_nll_mean"]), method
         assert 0.0 <= row["final_exact_match_mean"] <= 1.0, method
