@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from gora_dist.comm.gather import full_parameters
 from gora_dist.integrations.run_plan import rank_and_world
-from gora_dist.model.adapter_io import GORA_FILE, save_plan, write_plan_metadata
+from gora_dist.model.adapter_io import GORA_FILE, peft_adapter_folder, save_plan, write_plan_metadata
 from gora_dist.report import GoRAPlan
 
 SUBFOLDER = "gora_adapter"
@@ -80,5 +80,4 @@ def _peft_adapter_folder(model, checkpoint: str):
     configs = getattr(inner, "peft_config", None)
     if not isinstance(configs, dict) or not hasattr(inner, "active_adapters"):
         return None
-    name = inner.active_adapters[0]
-    return checkpoint if name == "default" else os.path.join(checkpoint, name)
+    return peft_adapter_folder(checkpoint, inner.active_adapters[0])

@@ -28,6 +28,7 @@ from gora_dist.integrations.peft_settings import (adapted_layers, check_expressi
 from gora_dist.integrations.run_plan import plan_for_run, run_engine
 from gora_dist.integrations.trainer_batches import (check_enough_batches, micro_batches_per_step, trainer_loss,
                                                     trainer_micro_batches, trainer_state_kept)
+from gora_dist.model.adapter_io import peft_adapter_folder
 from gora_dist.model.layers import GoRALinear
 from gora_dist.model.targets import find_target_modules
 from gora_dist.pipeline.apply import apply_plan
@@ -140,8 +141,8 @@ def resumed_plan_folder(args, adapter_name: Optional[str] = None) -> Optional[st
         checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if checkpoint is None:
             raise ValueError(f"resume_from_checkpoint=True: no checkpoint-N folder in {args.output_dir}")
-    places = [checkpoint if adapter_name in (None, "default") else os.path.join(checkpoint, adapter_name),
-              os.path.join(checkpoint, SUBFOLDER)]  # beside the Trainer's PEFT adapter; GoRA's layers' folder
+    # beside the Trainer's own PEFT adapter, then GoRA's layers' folder
+    places = [peft_adapter_folder(checkpoint, adapter_name), os.path.join(checkpoint, SUBFOLDER)]
     for folder in places:
         if os.path.isfile(os.path.join(folder, "gora.json")):
             return folder

@@ -136,6 +136,12 @@ def _gora_metadata(ranks: Dict[str, int], scaling: Dict[str, float], report: Opt
     return data
 
 
+def peft_adapter_folder(root: str, adapter_name: Optional[str]) -> str:
+    """Where PEFT's ``save_pretrained(root)`` puts adapter ``adapter_name``: ``default`` (or None) at
+    the top, any other in its own subfolder."""
+    return root if adapter_name in (None, "default") else os.path.join(root, adapter_name)
+
+
 def write_plan_metadata(folder: str, report: GoRAReport) -> None:
     """gora.json (the report, as ``save_plan`` writes it) beside a PEFT adapter another writer saved
     in ``folder``: the plan ``load_plan`` reads back with that adapter's weights."""

@@ -23,7 +23,8 @@ from typing import Dict
 import torch
 
 from gora_dist.comm.gather import write_full
-from gora_dist.model.adapter_io import CONFIG_FILE, GORA_FILE, WEIGHTS_FILE, _read_json, _saved_weights, save_plan
+from gora_dist.model.adapter_io import (CONFIG_FILE, GORA_FILE, WEIGHTS_FILE, _read_json, _saved_weights,
+                                       peft_adapter_folder, save_plan)
 from gora_dist.model.converted_adapter import plan_from_converted
 from gora_dist.report import GoRAPlan, GoRAReport
 
@@ -37,10 +38,6 @@ def keep_original_base_files(peft_model, adapter_name: str, plan: GoRAPlan) -> N
     if "save_pretrained" not in peft_model.__dict__:
         peft_model.__dict__["save_pretrained"] = types.MethodType(_save_converted, peft_model)
         peft_model.__dict__["load_adapter"] = types.MethodType(_load_converted, peft_model)
-
-
-def _adapter_folder(root: str, adapter_name: str) -> str:
-    return root if adapter_name == "default" else os.path.join(root, adapter_name)  # PEFT's layout
 
 
 def _save_converted(self, save_directory: str, *args, **kwargs):
@@ -61,7 +58,7 @@ def _save_converted(self, save_directory: str, *args, **kwargs):
         selected = kwargs.get("selected_adapters") or list(self.peft_config)
         for adapter_name, plan in self._gora_offset_plans.items():
             if adapter_name in selected:
-                _convert_in_place(_adapter_folder(staging, adapter_name), plan, self.peft_config[adapter_name].task_type)
+                _convert_in_place(peft_adapter_folder(staging, adapter_name), plan, self.peft_config[adapter_name].task_type)
         _move_into(staging, save_directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
