@@ -130,6 +130,12 @@ class GoRAConfig:
     metadata: dict = field(default_factory=dict)
     """Free-form user data, written into ``gora.json``."""
 
+    @property
+    def needs_gradients(self) -> bool:
+        """False when neither the ranks nor A0/B0 read a gradient (PiSSA's SVD of W with uniform ranks):
+        the N gradient steps are then skipped, and ``grad_steps`` is not used."""
+        return not (self.initializer == "pissa" and self.allocator == "uniform")
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             if not self.target_modules:

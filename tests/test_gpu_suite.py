@@ -29,7 +29,7 @@ def test_dry_run_runs_every_step_and_the_kernel_path_matches_the_torch_path(tmp_
     record = json.loads((tmp_path / "gpu_dry_run.json").read_text())
     steps = record["steps"]
     assert list(steps) == ["environment", "gpu_tests", "kernels", "init_kernels_on", "init_kernels_off",
-                           "sft_kernels_on", "sft_kernels_off", "trainer_fsdp2"]
+                           "sft_kernels_on", "sft_kernels_off", "trainer_fsdp2", "sharded_svd"]
     assert all(entry["status"] == "ok" for entry in steps.values()), {n: e["status"] for n, e in steps.items()}
     env = steps["environment"]["result"]
     assert env["packages"]["torch"] and env["copy_gbps"] > 0 and env["matmul_tflops"] > 0
@@ -47,7 +47,10 @@ def test_dry_run_runs_every_step_and_the_kernel_path_matches_the_torch_path(tmp_
     trainer = steps["trainer_fsdp2"]["result"]  # on the CPU with accelerate's device gate lifted (fsdp_on_cpu.py)
     assert trainer["ok"] and trainer["rank_map_equal"] and trainer["last_loss"] < trainer["first_loss"], trainer
     assert trainer["fsdp_plugin"] and trainer["sharded_weights"], trainer
+    svd = steps["sharded_svd"]["result"]  # every distinct target shape at two ranks, each SVD within 5 %
+    assert svd["ok"] and {tuple(row["shape"]) for row in svd["rows"]} == {(64, 64), (32, 64), (128, 64), (64, 128)}
     text = (tmp_path / "gpu_dry_run.md").read_text()
+    assert "Sharded randomized SVD" in text
     assert text.startswith("# DRY RUN on the CPU, NOT A MEASUREMENT") and "| trainer_fsdp2 | ok |" in text
 
 

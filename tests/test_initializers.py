@@ -240,6 +240,31 @@ def test_pipeline_lora_one_is_a_step_on_the_best_rank_r_gradient(svd, tolerance)
         assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < tolerance, name
 
 
+def test_pissa_with_uniform_ranks_draws_no_batch():
+    """PiSSA reads only W: with uniform ranks no batch is drawn and no backward runs, and the adapters
+    are the ones made after gradient steps; with GoRA's ranks PiSSA still needs the batches."""
+    from conftest import lm_batches, tiny_llama
+
+    from gora_dist import GoRAConfig, apply_gora, gora_modules
+
+    def untouchable():
+        raise AssertionError("a batch was drawn")
+        yield
+
+    with_batches, adapters, _, _ = ours("pissa", lm_batches(2))
+    model = tiny_llama()
+    config = GoRAConfig(target_modules=TARGETS, allocator="uniform", rank_ref=12, rank_min=1, alpha=8,
+                        initializer="pissa", svd="exact", grad_steps=2)
+    report = apply_gora(model, untouchable(), config)
+    assert report.grad_steps == 0 and any("no gradient steps" in note for note in report.notes)
+    assert all(param.grad is None for param in model.parameters())
+    for name, adapter in gora_modules(model):
+        torch.testing.assert_close(adapter.lora_A, adapters[name].lora_A, rtol=0, atol=0)
+        torch.testing.assert_close(adapter.base.weight, adapters[name].base.weight, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="a batch was drawn"):
+        apply_gora(tiny_llama(), untouchable(), GoRAConfig(target_modules=TARGETS, initializer="pissa", grad_steps=2))
+
+
 def test_initializer_bad_input_is_named():
     from conftest import lm_batches, tiny_llama
 

@@ -91,8 +91,9 @@ def _estimate(model: nn.Module, task: Task, config: TrainConfig, gora: GoRAConfi
         plan = estimate_plan(model, _estimation_batches(task, config, setup, global_batches), gora, engine=engine,
                              loss_fn=getattr(task, "loss_fn", None), timeout_s=config.timeout_s, on_phase=phase,
                              **extra)
-    plan.report.notes.append(f"{plan.report.grad_steps} backward passes = {global_batches} global batches "
-                             f"of {config.global_batch_size} ({setup.accumulation} micro-batches of {setup.micro} per rank)")
+    if plan.report.grad_steps:
+        plan.report.notes.append(f"{plan.report.grad_steps} backward passes = {global_batches} global batches "
+                                 f"of {config.global_batch_size} ({setup.accumulation} micro-batches of {setup.micro} per rank)")
     if setup.main:
         out = config.output_dir
         save_plan(plan, os.path.join(out, "init"), model)

@@ -25,6 +25,7 @@ import torch
 from gora_dist.comm.collectives import Collective
 from gora_dist.comm.gather import full_parameters, under
 from gora_dist.config import GoRAConfig
+from gora_dist.engines.accumulator import ShardedAccumulator
 from gora_dist.kernels import projected_gradient, triton_can_run
 from gora_dist.method.allocation import (
     allocate_ranks,
@@ -210,23 +211,27 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
         saved_state = full_parameters(engine.model, under(saved_modules(engine.model, config.modules_to_save)))
 
     start = time.perf_counter()
-    try:
-        accumulator, importance, energies = estimate_gradients(engine, iter(batches), config, loss_fn=loss_fn,
-                                                               collective=collective)
-    finally:
-        if sampler is not None:
-            sampler.close()
+    if config.needs_gradients:
+        try:
+            accumulator, importance, energies = estimate_gradients(engine, iter(batches), config, loss_fn=loss_fn,
+                                                                   collective=collective)
+        finally:
+            if sampler is not None:
+                sampler.close()
+    else:  # PiSSA with uniform ranks reads only the weights: no batch is drawn, no backward runs
+        accumulator, importance, energies = ShardedAccumulator({}, engine.device), dict.fromkeys(names, 0.0), None
     gradient_seconds = time.perf_counter() - start
     if on_phase is not None:
         on_phase("init")
 
-    notes = []
+    notes = [] if config.needs_gradients else [
+        "no gradient steps: initializer=pissa with allocator=uniform reads only the weights (importances not measured)"]
     for name, value in importance.items():
-        if value == 0:
+        if value == 0 and config.needs_gradients:
             notes.append(f"{name}: zero gradient over all steps, given rank_min={config.rank_min}")
         if min(shapes[name]) < config.rank_min:
             notes.append(f"{name}: rank capped at min(in, out) = {min(shapes[name])} < rank_min")
-    advantage = normalize_importance(importance)
+    advantage = normalize_importance(importance) if config.needs_gradients else dict.fromkeys(names, 0.0)
     dimensions = []
     if config.allocator == "uniform":
         ranks = uniform_ranks(shapes, config.rank_ref)
