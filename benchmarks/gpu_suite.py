@@ -19,7 +19,9 @@ each given what is left of ``--budget-s`` (default 450 s) less what the later st
      TFLOP/s and MFU (gora_dist/launcher/flops.py);
   6. trainer_fsdp2: a transformers Trainer asked for FSDP2 on the GPU with the model GoRA sharded
      itself (tests/dist/trainer_worker.py device, one rank under torchrun): the plan against one
-     process's, the losses, the base unchanged, the adapter loaded in PEFT.
+     process's, the losses, the base unchanged, the adapter loaded in PEFT;
+  7. sharded_svd: the sharded randomized SVD (LoRA-GA, LoRA-One, PiSSA) at Llama-3.2-1B's target
+     shapes beside torch.linalg.svd and torch.svd_lowrank (benchmarks/sharded_svd_speed.py).
 Results are rewritten after every step to <out>/gpu_<device>.{json,md} (machine, versions, commit,
 date), so a run cut off still returns what it measured; a short table is printed last. A step that
 needs a missing package (deepspeed is not on the lent machine) is not run here at all: the suite has
@@ -338,6 +340,20 @@ def step_trainer_fsdp2(dry_run: bool, out: str) -> dict:
                        and facts["sharded_weights"])}
 
 
+def step_sharded_svd(dry_run: bool) -> dict:
+    """benchmarks/sharded_svd_speed.py's measure(): seconds per target shape and rank, whole matrix and one
+    rank's slice at world 8, beside the exact SVD and svd_lowrank, with the error and the bytes."""
+    import torch
+
+    from sharded_svd_speed import LLAMA_1B, SMALL, measure, whole_model
+
+    device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
+    spec = SMALL if dry_run else LLAMA_1B
+    rows = measure(spec, device, ranks=(8, 16) if dry_run else (8, 16, 64), repeats=1 if dry_run else 3)
+    return {"device": device, "rows": rows, "whole_model": whole_model(spec, rows),
+            "ok": all(row["max_rel_error"] < 5e-2 for row in rows)}
+
+
 CHILD_STEPS = {
     "environment": lambda o: step_environment(o.dry_run),
     "gpu_tests": lambda o: step_gpu_tests(o.dry_run, o.out),
@@ -347,11 +363,12 @@ CHILD_STEPS = {
     "sft_kernels_on": lambda o: step_sft(o.dry_run, True),
     "sft_kernels_off": lambda o: step_sft(o.dry_run, False),
     "trainer_fsdp2": lambda o: step_trainer_fsdp2(o.dry_run, o.out),
+    "sharded_svd": lambda o: step_sharded_svd(o.dry_run),
 }
 # (step, the seconds it may take at most, the seconds kept for it while earlier steps run)
 PLAN = [("environment", 60, 20), ("gpu_tests", 150, 60), ("kernels", 150, 60), ("init_kernels_on", 90, 40),
         ("init_kernels_off", 90, 40), ("sft_kernels_on", 120, 30), ("sft_kernels_off", 60, 30),
-        ("trainer_fsdp2", 90, 45)]
+        ("trainer_fsdp2", 90, 45), ("sharded_svd", 75, 25)]
 
 
 # ── the parent: budget, children, results ──

@@ -82,6 +82,20 @@ def markdown(record: dict) -> str:
                   f"{trainer['max_adapter_gap']:.1e}; loss {trainer['first_loss']:.3f} → {trainer['last_loss']:.3f}; base "
                   f"unchanged {trainer['base_unchanged']}; saved adapter loads in PEFT ({trainer['peft_loaded_layers']} "
                   f"layers); checks {'pass' if trainer['ok'] else 'FAIL'} (log: trainer_fsdp2.log)."]
+    svd = record["steps"].get("sharded_svd", {}).get("result")
+    if svd:
+        lines += ["", "Sharded randomized SVD (oversampling 8, 2 power iterations) per target shape, beside one device's "
+                  "exact SVD and svd_lowrank; one rank of 8 = that rank's compute on its ZeRO-3 slice, traffic not "
+                  "included:", "",
+                  "| shape | rank | ours s | one rank of 8 s | exact s | svd_lowrank s | max rel. error σ | "
+                  "bytes sent / rank |", "|" + "---|" * 8]
+        for row in svd["rows"]:
+            lines.append(f"| {row['shape'][0]}×{row['shape'][1]} | {row['rank']} | {row['ours_s']:.4f} | "
+                         f"{row['ours_one_rank_of_8_s']:.4f} | {row['exact_s']:.4f} | {row['svd_lowrank_s']:.4f} | "
+                         f"{row['max_rel_error']:.1e} | {row['traffic_bytes_per_rank'] / 1e6:.2f} MB |")
+        lines += ["", "Whole model: " + "; ".join(
+            f"rank {rank}: ours {t['ours_s']:.2f} s, exact {t['exact_s']:.2f} s, svd_lowrank {t['svd_lowrank_s']:.2f} s "
+            f"over {t['layers']} layers" for rank, t in svd["whole_model"].items()) + "."]
     failed = {n: e for n, e in record["steps"].items() if e["status"] != "ok"}
     for name, entry in failed.items():
         lines += ["", f"{name}: {entry['status']}; output's tail:", "", "```", entry.get("output_tail", "").strip(), "```"]
