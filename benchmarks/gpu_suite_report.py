@@ -84,7 +84,7 @@ def markdown(record: dict) -> str:
                   f"layers); checks {'pass' if trainer['ok'] else 'FAIL'} (log: trainer_fsdp2.log)."]
     svd = record["steps"].get("sharded_svd", {}).get("result")
     if svd:
-        lines += ["", "Sharded randomized SVD (oversampling 8, 2 power iterations) per target shape, beside one device's "
+        lines += ["", "Sharded randomized SVD (GoRAConfig's oversampling and power iterations) per target shape, beside one device's "
                   "exact SVD and svd_lowrank; one rank of 8 = that rank's compute on its ZeRO-3 slice, traffic not "
                   "included:", "",
                   "| shape | rank | ours s | one rank of 8 s | exact s | svd_lowrank s | max rel. error σ | "

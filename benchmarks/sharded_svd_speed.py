@@ -34,7 +34,18 @@ sys.path.insert(0, HERE)
 LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8)
 SMALL = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
 RANKS = (8, 16, 64)
-OVERSAMPLE, POWER_ITERS, WORLD = 8, 2, 8
+WORLD = 8
+
+
+def _defaults():
+    """GoRAConfig's randomized-SVD settings: what LoRA-GA / LoRA-One / PiSSA run with by default."""
+    from gora_dist.config import GoRAConfig
+
+    config = GoRAConfig()
+    return config.svd_oversample, config.svd_power_iters
+
+
+OVERSAMPLE, POWER_ITERS = _defaults()
 
 
 def target_shapes(spec: dict) -> Dict[Tuple[int, int], List[str]]:
@@ -137,7 +148,7 @@ def markdown(record: dict) -> str:
     part = f"ours_one_rank_of_{WORLD}_s"
     lines = [f"# Sharded SVD at {record['model']}'s target shapes on {record['device']}", "",
              f"Command: `{record['command']}`; {record['machine']}; torch {record['torch']}; commit {record['commit']}; "
-             f"{record['date']}. Oversampling {OVERSAMPLE}, {POWER_ITERS} power iterations (our defaults); "
+             f"{record['date']}. Oversampling {OVERSAMPLE}, {POWER_ITERS} power iterations (GoRAConfig's defaults); "
              f"svd_lowrank at the same width and iterations; float32 matrices with singular values ∝ 1/j.", "",
              f"| shape (projections) | rank | ours s | one rank of {WORLD} s | exact SVD s | svd_lowrank s | "
              "exact / ours | max rel. error σ | bytes sent / rank | bf16 weight bytes |", "|" + "---|" * 10]
