@@ -381,12 +381,13 @@ def test_the_launcher_trains_resumes_and_ships_a_pissa_adapter(sft_folder, tmp_p
 # --- world 2: FSDP2 and ZeRO-3 against one process (one spawn for both engines, all three) ---------
 
 def test_sharded_initializers_equal_one_process_and_no_rank_holds_a_full_target(tmp_path):
-    """tests/dist/init_worker.py at world 2, FSDP2 then ZeRO-3 (MLP 191 wide: a ZeRO-3 partition cuts
-    a row): for LoRA-GA, LoRA-One and PiSSA the rank map is one process's, the effective initial
-    weights are the original ones (LoRA-GA, PiSSA: to 1e-5) or one process's (LoRA-One), and each
-    rank's base offset equals one process's to 1e-3 relative (the same seeded Ω, sums in another
-    order, power iterations). During every layer's SVD a rank passed in only its shard and no
-    operation created a tensor as large as the layer's weight."""
+    """tests/dist/init_worker.py at world 2, FSDP2, ZeRO-3 and DDP (MLP 191 wide: a ZeRO-3 partition cuts
+    a row), and LoRA-GA at GoRA's ranks under ZeRO-3: for LoRA-GA, LoRA-One and PiSSA the rank map is
+    one process's, the effective initial weights are the original ones (LoRA-GA, PiSSA: to 1e-5) or one
+    process's (LoRA-One), and each rank's base offset equals one process's to 1e-3 relative (the same
+    seeded Ω, sums in another order, power iterations). During every layer's SVD a rank passed in only
+    its shard (DDP too: it takes an even partition of the gradient every rank holds) and no operation
+    created a tensor as large as the layer's weight."""
     import shutil
     import subprocess
 
@@ -395,7 +396,7 @@ def test_sharded_initializers_equal_one_process_and_no_rank_holds_a_full_target(
     pytest.importorskip("deepspeed")
     sys_path = os.path.join(os.path.dirname(__file__), "dist")
     sys.path.insert(0, sys_path)
-    from init_worker import GLOBAL_BATCH, GRAD_STEPS, INITIALIZERS, WIDTH, config_for
+    from init_worker import CASES, GLOBAL_BATCH, GRAD_STEPS, WIDTH, case_key, config_for
 
     from conftest import lm_batches, tiny_llama
     from gora_dist import apply_gora, gora_modules
@@ -407,29 +408,33 @@ def test_sharded_initializers_equal_one_process_and_no_rank_holds_a_full_target(
     assert result.returncode == 0, result.stderr[-4000:]
     facts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     original = dict(tiny_llama(intermediate_size=WIDTH).named_parameters())
-    for initializer in INITIALIZERS:
-        model = tiny_llama(intermediate_size=WIDTH)
-        report = apply_gora(model, lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), config_for(initializer))
-        single = dict(gora_modules(model))
-        for engine in ("fsdp2", "zero3"):
-            key = f"{engine}-{initializer}"
-            tensors = load_file(tmp_path / f"{key}.safetensors")
-            for fact in facts:
-                assert fact[key]["rank_map"] == report.rank_map, key
-                assert set(fact[key]["svd"]) == set(report.rank_map), key  # every layer's SVD was watched
-                for name, svd in fact[key]["svd"].items():
-                    assert svd["input_elements"] <= svd["full_elements"] // 2 + 48, (key, name, svd)
-                    assert svd["largest_created"] < svd["full_elements"], (key, name, svd)
-            for name, adapter in single.items():
-                weight = original[f"{name}.weight"].detach()
-                one_offset = adapter.base.weight.detach() - weight
-                two_offset = tensors[f"{name}.base"] - weight
-                one_update = adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()
-                if initializer == "lora_one":
-                    assert torch.equal(tensors[f"{name}.base"], weight), (key, name)
-                    difference = torch.linalg.norm(tensors[f"{name}.effective"] - weight - one_update)
-                    assert float(difference / torch.linalg.norm(one_update)) < 1e-3, (key, name)
-                else:
-                    torch.testing.assert_close(tensors[f"{name}.effective"], weight, rtol=0, atol=1e-5)
-                    difference = torch.linalg.norm(two_offset - one_offset) / torch.linalg.norm(one_offset)
-                    assert float(difference) < 1e-3, (key, name, float(difference))
+    single = {}
+    for engine, initializer, allocator in CASES:
+        if (initializer, allocator) not in single:
+            model = tiny_llama(intermediate_size=WIDTH)
+            report = apply_gora(model, lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), config_for(initializer, allocator))
+            single[initializer, allocator] = report, dict(gora_modules(model))
+        report, adapters = single[initializer, allocator]
+        key = case_key(engine, initializer, allocator)
+        if allocator == "gora":
+            assert len(set(report.rank_map.values())) > 1, report.rank_map  # the case is about unequal ranks
+        tensors = load_file(tmp_path / f"{key}.safetensors")
+        for fact in facts:
+            assert fact[key]["rank_map"] == report.rank_map, key
+            assert set(fact[key]["svd"]) == set(report.rank_map), key  # every layer's SVD was watched
+            for name, svd in fact[key]["svd"].items():
+                assert svd["input_elements"] <= svd["full_elements"] // 2 + 48, (key, name, svd)
+                assert svd["largest_created"] < svd["full_elements"], (key, name, svd)
+        for name, adapter in adapters.items():
+            weight = original[f"{name}.weight"].detach()
+            one_offset = adapter.base.weight.detach() - weight
+            two_offset = tensors[f"{name}.base"] - weight
+            one_update = adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()
+            if initializer == "lora_one":
+                assert torch.equal(tensors[f"{name}.base"], weight), (key, name)
+                difference = torch.linalg.norm(tensors[f"{name}.effective"] - weight - one_update)
+                assert float(difference / torch.linalg.norm(one_update)) < 1e-3, (key, name)
+            else:
+                torch.testing.assert_close(tensors[f"{name}.effective"], weight, rtol=0, atol=1e-5)
+                difference = torch.linalg.norm(two_offset - one_offset) / torch.linalg.norm(one_offset)
+                assert float(difference) < 1e-3, (key, name, float(difference))

@@ -7,6 +7,7 @@ import torch
 
 from gora_dist.method.shards import FlatShard
 from gora_dist.method.sharded_svd import (
+    canonical_signs,
     matrix_times,
     matrix_transpose_times,
     sharded_svd,
@@ -56,7 +57,7 @@ def test_products_from_shards_equal_the_dense_products(layout, world):
 def test_leading_singular_triplets_match_the_dense_svd(layout, world):
     """A 64 × 48 matrix of rank 12 plus noise at 1e-3: the top 8 singular values to 1e-5 and their
     subspaces (|UᵀU_ref| singular values) to 1e-6 with p = 8, q = 2; any world size gives the same
-    triplets to float32 summation order; k = min(out, in) is the exact SVD."""
+    triplets, signs included, to float32 summation order; k = min(out, in) is the exact SVD."""
     matrix = low_rank_plus_noise(64, 48, 12)
     reference_u, reference_s, reference_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
     u, s, vh = sharded_svd(pieces_of(matrix, world, layout), 8, no_reduce, seed=3, name="layer")
@@ -67,6 +68,12 @@ def test_leading_singular_triplets_match_the_dense_svd(layout, world):
         assert float(cosines.min()) > 1 - 1e-6
     one = sharded_svd(pieces_of(matrix, 1, "one"), 8, no_reduce, seed=3, name="layer")
     torch.testing.assert_close(u @ torch.diag(s) @ vh, one[0] @ torch.diag(one[1]) @ one[2], rtol=0, atol=1e-5)
+    # the triplets themselves, signs included (LoRA-GA pairs different triplets): each u's largest entry > 0
+    torch.testing.assert_close(u, one[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh, one[2], rtol=0, atol=1e-5)
+    assert bool((u.gather(0, u.abs().argmax(0, keepdim=True)) > 0).all())
+    flipped = canonical_signs(-u, s, -vh)
+    assert torch.equal(flipped[0], u) and torch.equal(flipped[2], vh)
 
     exact_u, exact_s, exact_vh = sharded_svd(pieces_of(matrix, world, layout), 48, no_reduce, oversample=0,
                                              power_iters=0, name="layer")

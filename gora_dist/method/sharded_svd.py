@@ -85,7 +85,7 @@ def sharded_svd(pieces: Pieces, rank: int, reduce: Reduce, *, oversample: int = 
     of the matrix the ranks' pieces make up. The test matrix Ω is drawn from (seed, name) on every
     rank alike. ``oversample`` p and ``power_iters`` q set the accuracy (Halko et al.: the error
     tends to the (rank + 1)-th singular value as q grows); k = min(rank + p, out, in) columns are
-    carried, and k = min(out, in) is exact."""
+    carried, and k = min(out, in) is exact. Signs: :func:`canonical_signs`."""
     shard = pieces[0][1]
     rows, cols = shard.rows, shard.cols
     if not 1 <= rank <= min(rows, cols):
@@ -99,7 +99,18 @@ def sharded_svd(pieces: Pieces, rank: int, reduce: Reduce, *, oversample: int = 
         basis = _orthonormal(matrix_times(pieces, across.float(), reduce, f"{name} M·Q'"))
     projected = matrix_transpose_times(pieces, basis.float(), reduce, f"{name} Qᵀ·M").to(torch.float64).T
     small_u, values, vh = torch.linalg.svd(projected, full_matrices=False)
-    return (basis @ small_u)[:, :rank], values[:rank], vh[:rank]
+    return canonical_signs((basis @ small_u)[:, :rank], values[:rank], vh[:rank])
+
+
+def canonical_signs(u: torch.Tensor, values: torch.Tensor, vh: torch.Tensor):
+    """Each triplet's sign fixed so that the largest-magnitude entry of its left vector is positive
+    (scikit-learn's ``svd_flip`` rule); u_i and vh_i flip together, so U·S·Vh is unchanged. Without it
+    a sign depends on rounding in the QR and the small SVD, i.e. on the order the ranks' sums were
+    added: LoRA-GA's B0·A0 pairs different triplets, so its base offset would differ between world sizes."""
+    rows = u.abs().argmax(dim=0)
+    signs = torch.sign(u[rows, torch.arange(u.shape[1], device=u.device)])
+    signs[signs == 0] = 1
+    return u * signs, values, vh * signs[:, None]
 
 
 def svd_traffic_elements(rows: int, cols: int, rank: int, oversample: int, power_iters: int) -> int:

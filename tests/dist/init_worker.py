@@ -1,5 +1,5 @@
-"""One rank of tests/test_initializers_sharded.py: LoRA-GA, LoRA-One and PiSSA under FSDP2 and then
-ZeRO-3, in one process group (one spawn for all six).
+"""One rank of tests/test_initializers.py's world-2 test: LoRA-GA, LoRA-One and PiSSA under FSDP2,
+ZeRO-3 and DDP, and LoRA-GA at GoRA's ranks under ZeRO-3, in one process group (one spawn for all ten).
 
     torchrun --nproc_per_node 2 tests/dist/init_worker.py OUT_DIR
 
@@ -34,12 +34,19 @@ from gora_dist.pipeline.sharded import estimate_plan  # noqa: E402
 TARGETS = ["v_proj", "gate_proj", "down_proj"]
 GLOBAL_BATCH, GRAD_STEPS, WIDTH = 4, 2, 191
 INITIALIZERS = ("lora_ga", "lora_one", "pissa")
+ENGINES = ("fsdp2", "zero3", "ddp")
+CASES = [(engine, initializer, "uniform") for engine in ENGINES for initializer in INITIALIZERS] + [
+    ("zero3", "lora_ga", "gora")]  # heterogeneous ranks through the sharded SVD and the partitioned offset
 DS_CONFIG = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "train_micro_batch_size_per_gpu": 1}
 
 
-def config_for(initializer: str) -> GoRAConfig:
-    return GoRAConfig(target_modules=TARGETS, allocator="uniform", rank_ref=4, rank_min=1, grad_steps=GRAD_STEPS,
-                      initializer=initializer, seed=3)
+def config_for(initializer: str, allocator: str = "uniform") -> GoRAConfig:
+    return GoRAConfig(target_modules=TARGETS, allocator=allocator, rank_ref=4, rank_min=1, rank_max=6,
+                      grad_steps=GRAD_STEPS, initializer=initializer, seed=3)
+
+
+def case_key(engine: str, initializer: str, allocator: str) -> str:
+    return f"{engine}-{initializer}" + ("" if allocator == "uniform" else f"-{allocator}")
 
 
 def rank_batches(rank, world):
@@ -53,25 +60,29 @@ class LargestCreated(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest, self.largest_op = 0, None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
+            if isinstance(value, torch.Tensor) and value.numel() > self.largest:
+                self.largest, self.largest_op = value.numel(), f"{func} {tuple(value.shape)}"
         return out
 
 
+ORIGINAL_SVD = svd_init.sharded_svd
+
+
 def watched_svd(facts):
-    original = svd_init.sharded_svd
+    """The sharded SVD, recording into this case's ``facts`` (wrapping the original, not the previous case's wrapper)."""
+    original = ORIGINAL_SVD
 
     def svd(pieces, rank, reduce, **kwargs):
         with LargestCreated() as mode:
             found = original(pieces, rank, reduce, **kwargs)
         shard = pieces[0][1]
         facts[kwargs["name"]] = {"input_elements": sum(flat.numel() for flat, _ in pieces),
-                                 "largest_created": mode.largest, "full_elements": shard.rows * shard.cols}
+                                 "largest_created": mode.largest, "largest_op": mode.largest_op, "full_elements": shard.rows * shard.cols}
         return found
 
     return svd
@@ -83,6 +94,8 @@ def full_weight(weight, engine):
 
         with deepspeed.zero.GatheredParameters([weight]):
             return weight.detach().clone()
+    if engine == "ddp":  # every rank holds the whole weight (and offset all of it)
+        return weight.detach().clone()
     return weight.full_tensor().detach().clone()
 
 
@@ -93,23 +106,23 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     facts = {}
-    for engine in ("fsdp2", "zero3"):
-        for initializer in INITIALIZERS:
-            key = f"{engine}-{initializer}"
-            facts[key] = {"svd": {}}
-            svd_init.sharded_svd = watched_svd(facts[key]["svd"])
-            model = tiny_llama(intermediate_size=WIDTH)
-            kwargs = {"ds_config": DS_CONFIG} if engine == "zero3" else {}
-            plan = estimate_plan(model, rank_batches(rank, world), config_for(initializer), engine=engine, **kwargs)
-            apply_plan(model, plan)
-            facts[key]["rank_map"] = plan.rank_map
-            tensors = {}
-            for name, adapter in gora_modules(model):
-                base = full_weight(adapter.base.weight, engine)
-                update = adapter.scaling * plan.lora_b[name] @ plan.lora_a[name]
-                tensors[f"{name}.base"], tensors[f"{name}.effective"] = base, base + update
-            if rank == 0:
-                save_file(tensors, os.path.join(out_dir, f"{key}.safetensors"))
+    for engine, initializer, allocator in CASES:
+        key = case_key(engine, initializer, allocator)
+        facts[key] = {"svd": {}}
+        svd_init.sharded_svd = watched_svd(facts[key]["svd"])
+        model = tiny_llama(intermediate_size=WIDTH)
+        kwargs = {"ds_config": DS_CONFIG} if engine == "zero3" else {}
+        plan = estimate_plan(model, rank_batches(rank, world), config_for(initializer, allocator), engine=engine,
+                             **kwargs)
+        apply_plan(model, plan)
+        facts[key]["rank_map"] = plan.rank_map
+        tensors = {}
+        for name, adapter in gora_modules(model):
+            base = full_weight(adapter.base.weight, engine)
+            update = adapter.scaling * plan.lora_b[name] @ plan.lora_a[name]
+            tensors[f"{name}.base"], tensors[f"{name}.effective"] = base, base + update
+        if rank == 0:
+            save_file(tensors, os.path.join(out_dir, f"{key}.safetensors"))
     finish(out_dir, rank, facts)
 
 
