@@ -123,6 +123,12 @@ def claims(rows: List[dict], regime: Sequence[dict], setting: Setting, final: Se
         compare("GoRA γ search ≥ GoRA (the searched γ against 5e-2)", "GoRA γ search", "GoRA", metric, higher)
         compare("GoRA γ search ≥ rsLoRA (the searched γ against a zero start)", "GoRA γ search", "rsLoRA", metric,
                 higher)
+        # LoRA-One's paper (arXiv 2502.01235) against LoRA-GA; and its control, rsLoRA's zero start at the
+        # same α/√r scale; and whether GoRA's ranks add anything to LoRA-One's init
+        compare("LoRA-One ≥ LoRA-GA (LoRA-One's claim)", "LoRA-One", "LoRA-GA", metric, higher)
+        compare("LoRA-One ≥ rsLoRA (control: the same α/√r scaling)", "LoRA-One", "rsLoRA", metric, higher)
+        compare("GoRA ranks (LoRA-One init) ≥ LoRA-One (the allocation)", "GoRA ranks (LoRA-One init)", "LoRA-One",
+                metric, higher)
     gora = _row(rows, "GoRA")
     # Before GoRA's final runs, the regime's: the same training split and seed-0 gradient batches, so
     # the same allocation as GoRA's seed-0 final run (neither γ nor the rate enters the allocation).
