@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -51,6 +51,7 @@ sys.path.insert(0, HERE)
 
 from provenance import git_commit, git_dirty, package_versions  # noqa: E402
 from gpu_suite_report import markdown, write  # noqa: E402
+from timing import sync, timed  # noqa: E402
 
 PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "safetensors", "deepspeed")
 # Llama-3.2-1B's shapes (hidden, intermediate, layers, heads, kv heads, vocab), tied embeddings: 1.24 B parameters
@@ -64,25 +65,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def checkout_env(*paths: str) -> dict:
     """This environment with the checkout (and ``paths``) first on PYTHONPATH: nothing is installed."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, *paths, os.environ.get("PYTHONPATH")])))
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
-    """Mean seconds of ``fn`` over ``repeats`` calls after ``warmup``, the device synchronised around them."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync()
-    return (time.perf_counter() - start) / repeats
 
 
 def step_environment(dry_run: bool) -> dict:
@@ -103,12 +85,12 @@ def step_environment(dry_run: bool) -> dict:
     elements = (2 << 20) if dry_run else (1 << 30)  # bf16: 4 MiB or 2 GiB per buffer
     source = torch.empty(elements, dtype=torch.bfloat16, device=device).normal_()
     target = torch.empty_like(source)
-    seconds = _timed(lambda: target.copy_(source), repeats=3 if dry_run else 10)
+    seconds = timed(lambda: target.copy_(source), repeats=3 if dry_run else 10)
     found["copy_gbps"] = 2 * source.numel() * source.element_size() / seconds / 1e9  # bytes read + written
     size = 256 if dry_run else 8192
     a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    seconds = _timed(lambda: a @ b, repeats=3 if dry_run else 10, warmup=1 if dry_run else 3)
+    seconds = timed(lambda: a @ b, repeats=3 if dry_run else 10, warmup=1 if dry_run else 3)
     found["matmul_tflops"] = 2 * size**3 / seconds / 1e12
     found["matmul_size"], found["copy_bytes"] = size, source.numel() * source.element_size()
     return found
@@ -221,12 +203,12 @@ def _gora(model, sizes: dict, device: str):
     batches = _batches(sizes["spec"], sizes["grad_steps"], sizes["batch"], sizes["length"], sizes["response"], device, 1)
     config = GoRAConfig(target_modules=TARGETS, rank_ref=8, rank_min=4, rank_max=32, alpha=16.0, gamma=5e-2,
                         grad_steps=sizes["grad_steps"])
-    _sync()
+    sync()
     start = time.perf_counter()
     from gora_dist.memory_trace import phase
 
     report = apply_gora(model, batches, config, on_phase=phase)
-    _sync()
+    sync()
     total = time.perf_counter() - start
     return report, total
 
@@ -284,7 +266,7 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
     losses = []
     for index, batch in enumerate(batches):
         if index == sizes["warmup_steps"]:
-            _sync()
+            sync()
             _reset_peak()
             start = time.perf_counter()
         loss = response_loss(model, batch)
@@ -292,7 +274,7 @@ def step_sft(dry_run: bool, kernels: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    _sync()
+    sync()
     seconds = time.perf_counter() - start
     tokens = sizes["train_steps"] * sizes["batch"] * sizes["length"]
     shape = model_shape(model)

@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import datetime, timezone
 from typing import Dict, List, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+
+from timing import timed  # noqa: E402
 
 # Llama-3.2-1B: hidden 2048, intermediate 8192, 16 layers, 32 heads of 64, 8 KV heads
 LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8)
@@ -74,24 +75,6 @@ def decaying_matrix(rows: int, cols: int, device, seed: int = 0):
     return ((left * scale) @ right).to(device)
 
 
-def _sync(device) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _seconds(fn, device, repeats: int, warmup: bool = True) -> float:
-    if warmup:  # kernels compiled, workspaces allocated
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
 def measure(spec: dict, device: str, ranks: Sequence[int] = RANKS, repeats: int = 3) -> List[dict]:
     """One row per (shape, rank): the four timings, the error, the bytes."""
     import torch
@@ -112,18 +95,18 @@ def measure(spec: dict, device: str, ranks: Sequence[int] = RANKS, repeats: int 
         # the reference values (float32 SVD: ~1e-6 relative, far below the errors measured), which also warms
         # the exact path up; then one timed call, the slowest thing here on a GPU
         exact_values = torch.linalg.svdvals(matrix).double()
-        exact_s = _seconds(lambda: torch.linalg.svd(matrix, full_matrices=False), device, 1, warmup=False)
+        exact_s = timed(lambda: torch.linalg.svd(matrix, full_matrices=False), 1, warmup=0)
         for rank in ranks:
             if rank > min(rows, cols):
                 continue
             width = min(rank + OVERSAMPLE, rows, cols)
             _, values, _ = sharded_svd(whole, rank, no_reduce, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
             error = float(((values.cpu() - exact_values[:rank].cpu()).abs() / exact_values[:rank].cpu()).max())
-            ours = _seconds(lambda: sharded_svd(whole, rank, no_reduce, oversample=OVERSAMPLE,
-                                                power_iters=POWER_ITERS), device, repeats)
-            ours_part = _seconds(lambda: sharded_svd(sliced, rank, no_reduce, oversample=OVERSAMPLE,
-                                                     power_iters=POWER_ITERS), device, repeats)
-            lowrank = _seconds(lambda: torch.svd_lowrank(matrix, q=width, niter=POWER_ITERS), device, repeats)
+            ours = timed(lambda: sharded_svd(whole, rank, no_reduce, oversample=OVERSAMPLE,
+                                             power_iters=POWER_ITERS), repeats, warmup=1)
+            ours_part = timed(lambda: sharded_svd(sliced, rank, no_reduce, oversample=OVERSAMPLE,
+                                                  power_iters=POWER_ITERS), repeats, warmup=1)
+            lowrank = timed(lambda: torch.svd_lowrank(matrix, q=width, niter=POWER_ITERS), repeats, warmup=1)
             traffic = 4 * svd_traffic_elements(rows, cols, rank, OVERSAMPLE, POWER_ITERS)
             rows_out.append({"shape": [rows, cols], "projections": names, "rank": rank, "width": width,
                              "ours_s": ours, f"ours_one_rank_of_{WORLD}_s": ours_part, "exact_s": exact_s,
