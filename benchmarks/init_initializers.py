@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from init_overhead import STEPS, TARGETS, build_model, peak_rss_mb, rank_batches, reset_peak_rss  # noqa: E402
+from init_overhead import (STEPS, TARGETS, build_model, peak_rss_mb, rank_batches, reset_peak_rss,  # noqa: E402
+                           slowest)
 from provenance import git_commit, package_versions  # noqa: E402
 
 INITIALIZERS = ("gora", "lora_ga", "lora_one", "pissa")
@@ -48,17 +49,6 @@ def world_and_rank():
     import torch.distributed as dist
 
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-def slowest(value: float) -> float:
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor)
 
 
 def ours(size: str) -> dict:

@@ -180,23 +180,27 @@ def training_steps(size: str, rank: int, world: int, plan) -> dict:
     return {"train_s": time.perf_counter() - start}
 
 
+def slowest(value: float) -> float:
+    """The largest of ``value`` over the ranks (a MAX all-reduce); itself in one process."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
 def worker(size: str, out: str, scheme: str) -> None:
     """One process per rank and scheme ("ours" then N training steps, or "centralised"), so each
     scheme's peak RSS is its own: a process rarely hands freed memory back to the system."""
     import torch.distributed as dist
-    import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
-
-    def slowest(value: float) -> float:
-        if world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor)
 
     warm = build_model(size)  # first backward of a process pays thread-pool and allocator start-up
     for batch in rank_batches(rank, world, 1, seed=3):

@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from cluster_model import target_shapes as layer_shapes  # noqa: E402
 from timing import timed  # noqa: E402
 
 # Llama-3.2-1B: hidden 2048, intermediate 8192, 16 layers, 32 heads of 64, 8 KV heads
@@ -50,16 +51,11 @@ OVERSAMPLE, POWER_ITERS = _defaults()
 
 
 def target_shapes(spec: dict) -> Dict[Tuple[int, int], List[str]]:
-    """(out, in) → the projections of one decoder layer with that shape."""
-    head_dim = spec["hidden"] // spec["heads"]
-    kv = spec["kv_heads"] * head_dim
-    shapes = {"q_proj": (spec["hidden"], spec["hidden"]), "k_proj": (kv, spec["hidden"]),
-              "v_proj": (kv, spec["hidden"]), "o_proj": (spec["hidden"], spec["hidden"]),
-              "gate_proj": (spec["intermediate"], spec["hidden"]), "up_proj": (spec["intermediate"], spec["hidden"]),
-              "down_proj": (spec["hidden"], spec["intermediate"])}
+    """(out, in) → the projections of one decoder layer with that shape (cluster_model's layer table)."""
+    kv = spec["kv_heads"] * (spec["hidden"] // spec["heads"])
     grouped: Dict[Tuple[int, int], List[str]] = {}
-    for name, shape in shapes.items():
-        grouped.setdefault(shape, []).append(name)
+    for name, shape in layer_shapes(spec["hidden"], spec["intermediate"], 1, kv).items():
+        grouped.setdefault(shape, []).append(name.split(".", 1)[1] + "_proj")
     return grouped
 
 
