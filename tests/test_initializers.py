@@ -251,7 +251,7 @@ def test_pissa_with_uniform_ranks_draws_no_batch():
         raise AssertionError("a batch was drawn")
         yield
 
-    with_batches, adapters, _, _ = ours("pissa", lm_batches(2))
+    _, adapters, _, _ = ours("pissa", lm_batches(2))  # the same options, after 2 gradient steps
     model = tiny_llama()
     config = GoRAConfig(target_modules=TARGETS, allocator="uniform", rank_ref=12, rank_min=1, alpha=8,
                         initializer="pissa", svd="exact", grad_steps=2)
@@ -378,7 +378,7 @@ def test_the_launcher_trains_resumes_and_ships_a_pissa_adapter(sft_folder, tmp_p
         torch.testing.assert_close(loaded(input_ids=ids).logits, ours_model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
-# --- world 2: FSDP2 and ZeRO-3 against one process (one spawn for both engines, all three) ---------
+# --- world 2: FSDP2, ZeRO-3 and DDP against one process (one spawn for every engine and case) ------
 
 def test_sharded_initializers_equal_one_process_and_no_rank_holds_a_full_target(tmp_path):
     """tests/dist/init_worker.py at world 2, FSDP2, ZeRO-3 and DDP (MLP 191 wide: a ZeRO-3 partition cuts
