@@ -37,11 +37,13 @@ setup(
         # launch/train.py --report-to tensorboard | wandb (train_log.jsonl needs neither)
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # GoRA on a bitsandbytes 4-bit / 8-bit base (QLoRA): the launcher's --quantization, BitsAndBytesConfig models
+        "qlora": ["bitsandbytes>=0.45"],
         # the fused kernels (kernels/, docs/kernels.md); wheels exist for Linux only, elsewhere the torch path runs
         "triton": [TRITON],
         "test": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
-                 "trl>=0.20", "tensorboard", TRITON],
+                 "trl>=0.20", "tensorboard", "bitsandbytes>=0.50", TRITON],
         "dev": ["pytest>=8", "peft>=0.13", "matplotlib", "gguf", "accelerate>=0.34", "deepspeed>=0.15", "datasets>=2.19",
-                "trl>=0.20", "ruff", TRITON],
+                "trl>=0.20", "ruff", "bitsandbytes>=0.50", TRITON],
     },
 )

@@ -157,3 +157,44 @@ def sft_folder(tmp_path_factory):
     """(120 prompt/completion records, the tiny causal LM folder), once per test module."""
     folder = tmp_path_factory.mktemp("sft")
     return write_sft_records(str(folder / "animals.jsonl"), count=120), save_tiny_causal_lm(str(folder / "model"))
+
+
+QUANT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_quantizable_llama(folder: str) -> str:
+    """A random 2-layer Llama saved as a folder, every linear width a multiple of 32 (bitsandbytes'
+    CPU kernels assume it): hidden 64, MLP 128, k/v 64→32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def load_quantized(folder: str, kind: str = "nf4", storage=None):
+    """The folder's model quantised on load by bitsandbytes (kind nf4 | fp4 | int8), float32 compute,
+    nf4 with double quantisation; storage: bnb_4bit_quant_storage."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if kind == "int8":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32,
+                                          bnb_4bit_use_double_quant=kind == "nf4",
+                                          bnb_4bit_quant_storage=storage or torch.uint8)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
+
+
+def dequantized_twin(quantized, folder: str):
+    """The same model in float32 whose target weights are the quantised model's, dequantised."""
+    from transformers import AutoModelForCausalLM
+
+    from gora_dist.model.quantized import dequantized_weight, is_quantized
+
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if is_quantized(module):
+                dense.get_submodule(name).weight.copy_(dequantized_weight(module))
+    return dense

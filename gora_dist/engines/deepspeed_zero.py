@@ -25,6 +25,7 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload, ZeROO
 
 from gora_dist.comm.reduce import owned_mean
 from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
+from gora_dist.engines.base import refuse_quantized
 from gora_dist.method.shards import FlatShard
 from gora_dist.model.devices import to_device
 from gora_dist.model.loss import batch_loss
@@ -95,6 +96,8 @@ class ZeroEngine:
         zero = DeepSpeedConfig(config).zero_config
         self.model = model
         self.targets = find_target_modules(model, target_modules)
+        refuse_quantized(self.targets, "ZeRO-3", "transformers loads a quantised model whole on every rank, outside "
+                         "zero.Init, and DeepSpeed's partitioning of packed 4-bit weights is not one GoRA reads")
         self.loss_scale = static_loss_scale(config)
         half = _half_dtype(config)
         if half is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from gora_dist.comm.reduce import owned_mean
 from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
+from gora_dist.engines.base import refuse_quantized
 from gora_dist.method.shards import FlatShard
 from gora_dist.model.devices import to_device
 from gora_dist.model.loss import batch_loss
@@ -93,6 +94,7 @@ class FSDP2Engine:
 
         self.model = model
         self.targets = find_target_modules(model, target_modules)
+        refuse_quantized(self.targets, "FSDP2", "GoRA does not read FSDP2-sharded packed weights yet")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(gradients_only_for(model, target_weight_names(self.targets)))

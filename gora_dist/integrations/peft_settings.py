@@ -79,6 +79,14 @@ def adapted_layers(peft_model, adapter_name: str) -> List[str]:
     return names
 
 
+def adapter_dtype(peft_model, adapter_name: str):
+    """The dtype the PEFT model's adapter ``adapter_name`` is kept in (TRL casts QLoRA adapters to
+    bfloat16), or None when its layers disagree: the dtype the plan's adapters are then put in."""
+    dtypes = {param.dtype for name, param in peft_model.named_parameters()
+              if (f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name)}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def short_targets(names: List[str], all_linear: Dict[str, nn.Module]) -> List[str]:
     """The layers as PEFT-style suffixes (``q_proj``) when those select exactly ``names`` among the
     model's linear layers ``all_linear``, else the full names: gora.json stays readable."""

@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from gora_dist.config import GoRAConfig
 from gora_dist.integrations.adapter_saver import SUBFOLDER, GoRAAdapterSaver
-from gora_dist.integrations.peft_settings import (adapted_layers, check_expressible, gora_config_from_lora, lora_settings,
-                                                  short_targets)
+from gora_dist.integrations.peft_settings import (adapted_layers, adapter_dtype, check_expressible, gora_config_from_lora,
+                                                  lora_settings, short_targets)
 from gora_dist.integrations.run_plan import plan_for_run, run_engine
 from gora_dist.integrations.trainer_batches import (check_enough_batches, micro_batches_per_step, trainer_loss,
                                                     trainer_micro_batches, trainer_state_kept)
@@ -55,6 +55,7 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
     _refuse_started(trainer)
     model = trainer.model
     peft = _is_peft_model(model)
+    dtype = None
     if config is None and not peft:
         raise ValueError("prepare_trainer: the trainer holds no PEFT model to take GoRA's settings from; pass "
                          "config=GoRAConfig(target_modules=[...], ...) or give the trainer a peft_config")
@@ -62,6 +63,7 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
         adapter_name, lora = lora_settings(model)
         check_expressible(lora)
         layers = adapted_layers(model, adapter_name)
+        dtype = adapter_dtype(model, adapter_name)  # the plan's adapters are kept in it (TRL: bf16 for QLoRA)
         if config is None:
             config = gora_config_from_lora(lora, short_targets(layers, _linear_layers(model)), seed=trainer.args.seed)
     config = with_options(config, options)
@@ -94,7 +96,7 @@ def prepare_trainer(trainer, config: Optional[GoRAConfig] = None, *, plan_from: 
     if peft:
         from gora_dist.model.peft_model import plan_into_peft
 
-        plan_into_peft(model, plan, adapter_name=adapter_name)
+        plan_into_peft(model, plan, adapter_name=adapter_name, dtype=dtype)
     else:
         apply_plan(model, plan)
     _hand_to_trainer(trainer, model)

@@ -12,6 +12,7 @@ from torch.nn.modules import module as _module_hooks
 from gora_dist.comm.gather import write_full
 from gora_dist.kernels import KERNEL_DTYPES, triton_can_run
 from gora_dist.method.initialization import rslora_scaling
+from gora_dist.model.quantized import is_quantized
 from gora_dist.model.targets import saved_modules
 
 
@@ -205,8 +206,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W ← W + s·B·A) and put the plain nn.Linear back.
 
     For serving without adapter support. The merged weight keeps the base dtype, so a bf16 base
-    rounds the update; keep the adapter files if exact outputs matter.
+    rounds the update; keep the adapter files if exact outputs matter. A quantised base is refused
+    before anything changes (the update would be rounded into 4 or 8 bits).
     """
+    quantized = [name for name, module in gora_modules(model) if is_quantized(module.base)]
+    if quantized:
+        raise ValueError(f"{quantized[0]}: the base is quantised; merging would re-quantise it. Keep the adapter "
+                         "(PEFT loads it on the quantised base) or merge into a float copy of the model")
     for name, module in list(gora_modules(model)):
         base = module.base
         base.weight.add_(module.delta_weight().to(device=base.weight.device, dtype=base.weight.dtype))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from gora_dist.comm.gather import write_full
@@ -69,16 +70,22 @@ def to_peft(model: nn.Module, plan, *, adapter_name: str = "default", task_type:
     return peft_model
 
 
-def plan_into_peft(peft_model, plan, *, adapter_name: str = "default") -> None:
+def plan_into_peft(peft_model, plan, *, adapter_name: str = "default", dtype: Optional[torch.dtype] = None) -> None:
     """Put the plan into a ``PeftModel`` in place, as adapter ``adapter_name``: the model a trainer
     already holds (its LoRA layers unloaded first, ``peft_model.unload()``), so every reference the
-    trainer keeps to it stays valid. The adapter's LoraConfig becomes the plan's."""
+    trainer keeps to it stays valid. The adapter's LoraConfig becomes the plan's. dtype: the
+    adapters' (default PEFT's float32), e.g. the bfloat16 TRL keeps QLoRA adapters in."""
     base = peft_model.base_model.model
     _check_fits(base, plan)
     old = peft_model.peft_config[adapter_name]
     peft_model.peft_config[adapter_name] = lora_config(plan, task_type=old.task_type)
     peft_model.base_model.inject_adapter(base, adapter_name)
     peft_model.set_adapter(adapter_name)
+    if dtype is not None:
+        for name in plan.lora_a:
+            layer = base.get_submodule(name)
+            layer.lora_A[adapter_name].to(dtype)
+            layer.lora_B[adapter_name].to(dtype)
     _write_plan(peft_model, base, plan, adapter_name)
 
 

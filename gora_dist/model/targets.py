@@ -7,6 +7,8 @@ from typing import Dict, Sequence
 
 import torch.nn as nn
 
+from gora_dist.model.quantized import unreadable_reason
+
 
 def module_matches(name: str, target_modules) -> bool:
     """PEFT's rule: a list matches equal names or ``.entry`` suffixes; a string is a full-name regex."""
@@ -26,7 +28,8 @@ def saved_modules(model: nn.Module, names: Sequence[str]) -> Dict[str, nn.Module
 
 
 def find_target_modules(model: nn.Module, target_modules) -> Dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules to adapt, by name, in module order; errors name what is wrong."""
+    """The ``nn.Linear`` modules to adapt (bitsandbytes' quantised ones included), by name, in module
+    order; errors name what is wrong (another module type, a quantisation GoRA cannot read)."""
     from gora_dist.model.layers import GoRALinear  # layers builds on this module, not the other way
 
     found = {}
@@ -35,10 +38,9 @@ def find_target_modules(model: nn.Module, target_modules) -> Dict[str, nn.Linear
             continue
         if isinstance(module, GoRALinear):
             raise ValueError(f"{name} already carries a GoRA adapter: apply_gora runs once per model")
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"{name} matches target_modules but is a {type(module).__name__}; GoRA adapts nn.Linear layers only"
-            )
+        reason = unreadable_reason(name, module)
+        if reason is not None:
+            raise ValueError(reason)
         found[name] = module
     if not found:
         linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})

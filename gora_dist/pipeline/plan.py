@@ -48,6 +48,7 @@ from gora_dist.method.initialization import (
 from gora_dist.method.shards import FlatShard, add_shard_product
 from gora_dist.model.devices import free_memory_bytes
 from gora_dist.model.hidden_states import HiddenStateSampler
+from gora_dist.model.quantized import quantized_offset_refusal
 from gora_dist.model.targets import saved_modules, transformer_blocks
 from gora_dist.pipeline.estimation import estimate_gradients
 from gora_dist.pipeline.svd_init import rank_refusal, svd_factors
@@ -195,6 +196,7 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     if config.importance != "mean_abs_wg":
         collective.check(nuclear_norm_refusal(config.importance, shapes, free_memory_bytes(engine.device)),
                          "importance metric")
+    collective.check(quantized_offset_refusal(engine.targets, config.initializer), "initializer on a quantised base")
     if config.adaptive_gamma and collective.active:
         raise ValueError("adaptive_gamma runs on one process only for now; set gamma explicitly for sharded runs")
 
