@@ -2,6 +2,7 @@
 plan for the same global batches, hold 1/world of the gradients, train, and fail together and
 clearly when one rank raises, disagrees or dies. Each case is one torchrun of tests/dist/worker.py."""
 
+import importlib.util
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import lm_batches, tiny_llama
+from conftest import lm_batches, load_quantized, save_quantizable_llama, tiny_llama
 from gora_dist import apply_gora, gora_modules
 from gora_dist.method.comm_model import gora_collective_bytes
 
@@ -50,6 +51,8 @@ def reference():
 def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, reference):
     if engine == "zero3":
         pytest.importorskip("deepspeed")
+    if engine == "ddp" and importlib.util.find_spec("bitsandbytes") is not None:  # and a 4-bit base, same spawn
+        save_quantizable_llama(str(tmp_path / "quantized_model"))
     result, _ = launch(engine, world, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     report, adapters = reference
@@ -95,11 +98,29 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
         assert fact["base_unchanged"]
     if engine != "zero3":  # replicated adapters (DDP; FSDP2's, outside its shards) stay equal on every rank
         assert len({fact["adapter_checksum"] for fact in facts}) == 1, [fact["adapter_checksum"] for fact in facts]
+    if (tmp_path / "quantized_model").is_dir():
+        assert_quantized_plan_equals_one_process(tmp_path, facts)
     if engine == "fsdp2":  # to_peft on a fresh sharded model trains exactly like GoRA's layers
         for fact in facts:
             assert fact["peft_losses"] == pytest.approx(fact["losses"], rel=1e-5, abs=1e-6), (fact["peft_losses"], fact["losses"])
             assert fact["peft_base_unchanged"]
         assert [fact["peft_checksum"] for fact in facts] == pytest.approx([facts[0]["adapter_checksum"]] * world, rel=1e-5)
+
+
+def assert_quantized_plan_equals_one_process(out_dir, facts):
+    """DDP with a 4-bit base on each rank: each rank's gᵀx reduce-scattered to the partition's owner
+    gives one process's plan of the same 4-bit model, and the sums tile the targets once."""
+    from gora_dist.pipeline.sharded import estimate_plan
+
+    one = estimate_plan(load_quantized(str(out_dir / "quantized_model")), lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH),
+                        CONFIG, engine="local")
+    assert all(fact["quantized_rank_map"] == one.rank_map for fact in facts)
+    tensors = load_file(out_dir / "quantized_plan" / "adapter_model.safetensors")
+    for name, lora_b in one.lora_b.items():
+        assert torch.equal(tensors[f"base_model.model.{name}.lora_A.weight"], one.lora_a[name]), name
+        got = tensors[f"base_model.model.{name}.lora_B.weight"]
+        assert torch.linalg.norm(got - lora_b) / torch.linalg.norm(lora_b) < 1e-5, name
+    assert sum(fact["quantized_held_elements"] for fact in facts) == one.report.accumulator_elements
 
 
 def test_nuclear_norm_importance_and_adaptive_steps_match_one_process(tmp_path):

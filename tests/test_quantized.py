@@ -203,3 +203,45 @@ def test_what_cannot_run_on_a_quantised_base_is_refused_by_name(folder):
     quantized.model.layers[0].mlp.up_proj = integer
     with pytest.raises(ValueError, match="up_proj: an nn.Linear with a torch.int8 weight"):
         find_target_modules(quantized, QUANT_TARGETS)
+
+
+def test_trl_qlora_with_prepare_trainer_trains_and_its_adapter_loads_on_the_4bit_base(smol_chat_model, tmp_path):
+    # TRL's sft.py --load_in_4bit --use_peft --gradient_checkpointing: a BitsAndBytesConfig in
+    # model_init_kwargs; TRL casts the LoRA adapters to bfloat16 for a 4-bit model, GoRA's stay so
+    import datasets
+    import transformers
+    trl = pytest.importorskip("trl")
+
+    from conftest import arithmetic_chats
+    from gora_dist.integrations import prepare_trainer
+
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                         max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                         save_strategy="no", lr_scheduler_type="constant", max_length=64, gradient_checkpointing=True,
+                         model_init_kwargs={"quantization_config": quantization})
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = trl.SFTTrainer(model=smol_chat_model, args=args, peft_config=lora,
+                             train_dataset=datasets.Dataset.from_list(arithmetic_chats()))
+    dtypes = {p.dtype for n, p in trainer.model.named_parameters() if ".lora_" in n}
+    plan = prepare_trainer(trainer, grad_steps=2)
+    assert len(plan.rank_map) == 14 and len(set(plan.rank_map.values())) > 1
+    assert {p.dtype for n, p in trainer.model.named_parameters() if ".lora_" in n} == dtypes == {torch.bfloat16}
+    layer = trainer.model.base_model.model.model.layers[1].mlp.down_proj
+    torch.testing.assert_close(layer.lora_B["default"].weight.float(), plan.lora_b["model.layers.1.mlp.down_proj"].to(torch.bfloat16).float())
+    base = packed_weights(trainer.model)
+
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = packed_weights(trainer.model)
+    assert all(torch.equal(after[n], value) for n, value in base.items() if ".lora_" not in n)  # only adapters trained
+
+    trainer.save_model(str(tmp_path / "final"))
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(smol_chat_model, quantization_config=quantization)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "final")).eval()
+    trainer.model.eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad(), trainer.accelerator.autocast():
+        torch.testing.assert_close(loaded(input_ids=ids).logits.float(), trainer.model(input_ids=ids).logits.float())

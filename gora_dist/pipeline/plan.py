@@ -189,6 +189,9 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     the gradient steps are done (a caller's instrumentation, e.g. ``memory_trace.phase``).
     """
     collective = collective or Collective()
+    refusal = quantized_offset_refusal(engine.targets, config.initializer)  # the same model on every rank: no collective
+    if refusal is not None:
+        raise ValueError(refusal)
     names = list(engine.targets)
     shapes = {name: (engine.shard(name).rows, engine.shard(name).cols) for name in names}
     collective.agree([[name, list(shape)] for name, shape in shapes.items()] + [config.to_dict()],
@@ -196,7 +199,6 @@ def build_plan(engine, batches, config: GoRAConfig, *, loss_fn=None, collective:
     if config.importance != "mean_abs_wg":
         collective.check(nuclear_norm_refusal(config.importance, shapes, free_memory_bytes(engine.device)),
                          "importance metric")
-    collective.check(quantized_offset_refusal(engine.targets, config.initializer), "initializer on a quantised base")
     if config.adaptive_gamma and collective.active:
         raise ValueError("adaptive_gamma runs on one process only for now; set gamma explicitly for sharded runs")
 

@@ -114,6 +114,16 @@ def main():
         save_plan(plan, os.path.join(out_dir, "plan"), model)
 
     facts["losses"], facts["base_unchanged"], facts["adapter_checksum"] = train(engine, model, plan, rank, world)
+    quantized_folder = os.path.join(out_dir, "quantized_model")
+    if engine == "ddp" and os.path.isdir(quantized_folder):  # a 4-bit base, whole on each rank (QLoRA under DDP)
+        from conftest import load_quantized
+
+        quantized = estimate_plan(load_quantized(quantized_folder), rank_batches(rank, world, mode), CONFIG,
+                                  engine="ddp", timeout_s=timeout_s)
+        facts["quantized_rank_map"] = quantized.rank_map
+        facts["quantized_held_elements"] = quantized.report.accumulator_elements
+        if rank == 0:
+            save_plan(quantized, os.path.join(out_dir, "quantized_plan"))
     if engine == "fsdp2" and mode == "ok":  # the same plan through to_peft on a fresh sharded model
         # (ZeRO-3: tests/test_trainer_integration.py's TRL run, which costs no extra spawn)
         facts["peft_losses"], facts["peft_base_unchanged"], facts["peft_checksum"] = train(
