@@ -245,3 +245,55 @@ def test_trl_qlora_with_prepare_trainer_trains_and_its_adapter_loads_on_the_4bit
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     with torch.no_grad(), trainer.accelerator.autocast():
         torch.testing.assert_close(loaded(input_ids=ids).logits.float(), trainer.model(input_ids=ids).logits.float())
+
+
+def test_the_launcher_trains_a_4bit_base_and_plans_it_as_its_dense_twin(tmp_path):
+    # launch/train.py --quantization nf4 on a model folder; the same run on a float32 folder holding the
+    # dequantised weights starts from the same plan (same batches, same seed); the final adapter
+    # loads with PEFT on the 4-bit base
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import save_tiny_causal_lm, write_sft_records
+    from gora_dist.launcher.runner import main
+
+    folder = save_tiny_causal_lm(str(tmp_path / "model"))
+    twin = str(tmp_path / "twin")
+    dequantized_twin(load_quantized(folder), folder).save_pretrained(twin)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tmp_path / "model" / name).exists():
+            shutil.copy(tmp_path / "model" / name, twin)
+    data = write_sft_records(str(tmp_path / "animals.jsonl"), count=60)
+    common = ["--task", "sft", "--data", data, "--eval-examples", "8", "--gora.grad_steps", "2", "--checkpoint-every", "0",
+              "--max-new-tokens", "4", "--show-generations", "0", "--global-batch-size", "4"]
+    main(["--model", folder, "--quantization", "nf4", "--steps", "2", "--output-dir", str(tmp_path / "q")] + common)
+    main(["--model", twin, "--init-only", "--output-dir", str(tmp_path / "dense")] + common)
+
+    quantized_init, dense_init = (json.loads((tmp_path / run / "init" / "gora.json").read_text()) for run in ("q", "dense"))
+    assert {n: l["rank"] for n, l in quantized_init["layers"].items()} == {n: l["rank"] for n, l in dense_init["layers"].items()}
+    got, expected = (load_file(tmp_path / run / "init" / "adapter_model.safetensors") for run in ("q", "dense"))
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7)
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert metrics["config"]["quantization"] == "nf4" and len(metrics["losses"]) == 2
+
+    loaded = peft.PeftModel.from_pretrained(load_quantized(folder), str(tmp_path / "q" / "adapter")).eval()
+    assert type(loaded.base_model.model.model.layers[0].mlp.up_proj).__module__.startswith("peft.tuners.lora.bnb")
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=torch.tensor([[5, 9, 13, 2]])).logits).all()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--quantization", "q3"], r"quantization='q3' is not one of \['none', 'nf4', 'fp4', 'int8'\]"),
+    (["--quantization", "nf4", "--engine", "fsdp2"], "quantization=nf4 with engine=fsdp2: each rank holds the whole"),
+    (["--quantization", "int8", "--quant-storage", "bf16"], "quant_storage='bf16' is for 4-bit weights"),
+    (["--quantization", "nf4", "--model", "tiny-llama"], "the tiny test models are built, not loaded"),
+])
+def test_the_launcher_refuses_what_a_quantised_base_cannot_do(tmp_path, options, message):
+    from gora_dist.launcher.runner import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["--task", "sft", "--data", "asdiv", "--output-dir", str(tmp_path / "out")] + options)
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from typing import Optional
 from gora_dist.config import GoRAConfig
 from gora_dist.launcher.ds_config import check_ds_config, read_ds_config
 from gora_dist.launcher.optimization import SCHEDULES
+from gora_dist.launcher.quantization import quantization_refusal
 from gora_dist.launcher.tasks.answers import MATCH_MODES
 
 ENGINES = ("auto", "local", "ddp", "fsdp2", "zero3", "zero2")
@@ -126,6 +127,14 @@ class TrainConfig:
     precision: str = "auto"
     """bf16 (base weights in bf16; adapters and optimizer in fp32), fp32, or auto: bf16 on GPUs
     (with TF32 matmuls), fp32 on the CPU."""
+    quantization: str = "none"
+    """Load the base model quantised by bitsandbytes (QLoRA): ``nf4`` (with double quantisation),
+    ``fp4`` or ``int8``; its compute dtype is precision's. GoRA reads the quantised base without a
+    weight gradient and leaves it untouched; adapters train in float32. Engines local and ddp (each
+    rank holds the quantised model); causal LMs loaded from a folder or the packaged SmolLM2.
+    ``none``: the base as it is stored."""
+    quant_storage: str = "uint8"
+    """The dtype bitsandbytes packs 4-bit weights into (``uint8``, ``bf16``, ``fp16``, ``fp32``)."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in backward instead of keeping them (transformers'
     switch, non-reentrant), in GoRA's gradient steps and in training: activation memory falls from all
@@ -169,6 +178,9 @@ class TrainConfig:
                                        ("report_to", self.report_to, ("none", "tensorboard", "wandb"))):
             if value not in choices:
                 raise ValueError(f"{option}={value!r} is not one of {list(choices)}")
+        refusal = quantization_refusal(self.quantization, self.quant_storage, self.engine, self.task, self.model)
+        if refusal is not None:
+            raise ValueError(refusal)
         if self.max_length == 0:
             self.max_length = 128 if self.task == "sft" else 64
         if self.train_examples == 0 and self.task != "sft":

@@ -14,6 +14,7 @@ from gora_dist.launcher.config import TrainConfig
 from gora_dist.launcher.model_sources import TINY_MODELS
 from gora_dist.launcher.models import enable_gradient_checkpointing, load_model
 from gora_dist.launcher.processes import Setup, deepspeed_config
+from gora_dist.launcher.quantization import bnb_config
 from gora_dist.launcher.tasks import Task
 from gora_dist.memory_trace import phase
 
@@ -51,4 +52,8 @@ def _load(config: TrainConfig, task: Task, setup: Setup, zero3_config: Optional[
         from gora_dist.launcher.sharded_models import load_zero3
 
         return load_zero3(config.model, zero3_config, say=setup.say, **options)
+    if config.quantization != "none":  # bitsandbytes quantises as it places the weights on the device
+        compute = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        quantization = bnb_config(config.quantization, config.quant_storage, compute)
+        return load_model(config.model, quantization=quantization, device=setup.device, **options)
     return load_model(config.model, **options).to(setup.device)  # local, ddp, zero2: the whole model per rank

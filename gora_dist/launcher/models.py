@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from gora_dist.launcher.model_sources import TINY_MODELS, model_source
+from gora_dist.launcher.quantization import load_quantized
 from gora_dist.launcher.tokenizer import ByteTokenizer
 
 
@@ -46,8 +47,10 @@ def _check_tiny(spec: str, task: str) -> None:
                          "tiny-llama a causal LM (causal-lm, sft)")
 
 
-def _build(spec: str, task: str, labels: Sequence[str], precision: str, max_length: int, weights: bool) -> nn.Module:
-    """The model with its checkpoint's weights (``weights``) or, from its config alone, without them."""
+def _build(spec: str, task: str, labels: Sequence[str], precision: str, max_length: int, weights: bool,
+           quantization=None, device=None) -> nn.Module:
+    """The model with its checkpoint's weights (``weights``) or, from its config alone, without them;
+    quantization: a ``BitsAndBytesConfig``, the model then loaded quantised onto ``device``."""
     dtype, head = _dtype_and_head(precision, labels)
     if spec in TINY_MODELS:
         _check_tiny(spec, task)
@@ -58,6 +61,8 @@ def _build(spec: str, task: str, labels: Sequence[str], precision: str, max_leng
     auto, head = (AutoModelForSequenceClassification, head) if task == "seq-cls" else (AutoModelForCausalLM, {})
     if not weights:
         return auto.from_config(AutoConfig.from_pretrained(folder, **head, **extra), dtype=dtype)
+    if quantization is not None:
+        return load_quantized(auto, folder, extra, dtype=dtype, quantization=quantization, device=device, **head)
     model = auto.from_pretrained(folder, dtype=dtype, **head, **extra)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None  # GGUF weights are dequantised on load; nothing stays quantised
@@ -65,10 +70,11 @@ def _build(spec: str, task: str, labels: Sequence[str], precision: str, max_leng
 
 
 def load_model(spec: str, *, task: str = "causal-lm", labels: Sequence[str] = ("negative", "positive"),
-               precision: str = "fp32", max_length: int = 64) -> nn.Module:
+               precision: str = "fp32", max_length: int = 64, quantization=None, device=None) -> nn.Module:
     """The model in eval mode: a causal LM (tasks causal-lm, sft) or a sequence classifier with a new
-    head of ``labels`` (seq-cls). Seed the global RNG first: a new head is random."""
-    model = _build(spec, task, labels, precision, max_length, weights=True)
+    head of ``labels`` (seq-cls). Seed the global RNG first: a new head is random. quantization: a
+    ``BitsAndBytesConfig`` (launcher/quantization.py); the model is then on ``device`` already."""
+    model = _build(spec, task, labels, precision, max_length, weights=True, quantization=quantization, device=device)
     model.config._name_or_path = spec
     return model.eval()
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from gora_dist.engines.choice import choose_engine
 from gora_dist.launcher.config import TrainConfig
 from gora_dist.launcher.ds_config import read_ds_config
+from gora_dist.launcher.quantization import quantization_refusal
 from gora_dist.memory_trace import write_now as write_memory_trace
 
 
@@ -100,6 +101,9 @@ def _engine_and_device(config: TrainConfig, by_deepspeed: bool) -> Tuple[str, to
     if config.ds_config and engine not in ("zero3", "zero2"):
         raise ValueError(f"ds_config={config.ds_config!r}: engine auto resolved to {engine} here, which does not read "
                          "it; launch with deepspeed or pass --engine zero3/zero2, or drop --ds-config")
+    refusal = quantization_refusal(config.quantization, config.quant_storage, engine, config.task, config.model)
+    if refusal is not None:  # engine auto resolved to one that shards the base
+        raise ValueError(refusal)
     if engine == "local" and world > 1:
         raise ValueError(f"engine=local with WORLD_SIZE={world}: pick ddp, fsdp2, zero3 or zero2 for several processes")
     cuda = torch.cuda.is_available()

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 SAME_RUN = ("model", "task", "data", "data_fingerprint", "eval_data", "prompt_field", "completion_field",
             "messages_field", "train_on_prompt", "skip_long", "train_examples", "eval_examples", "seed",
-            "global_batch_size", "max_length", "gora")
+            "global_batch_size", "max_length", "quantization", "quant_storage", "gora")
 """Options that set the data order or the objective: a resume must keep them."""
 
 MAY_CHANGE = ("steps", "lr", "lr_schedule", "warmup_ratio", "min_lr_ratio", "loraplus_lr_ratio", "weight_decay",
