@@ -51,7 +51,7 @@ def reference():
 def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, reference):
     if engine == "zero3":
         pytest.importorskip("deepspeed")
-    if engine == "ddp" and importlib.util.find_spec("bitsandbytes") is not None:  # and a 4-bit base, same spawn
+    if engine in ("ddp", "fsdp2") and importlib.util.find_spec("bitsandbytes") is not None:  # a 4-bit base, same spawn
         save_quantizable_llama(str(tmp_path / "quantized_model"))
     result, _ = launch(engine, world, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -108,12 +108,13 @@ def test_sharded_plan_equals_single_process_and_trains(engine, world, tmp_path, 
 
 
 def assert_quantized_plan_equals_one_process(out_dir, facts):
-    """DDP with a 4-bit base on each rank: each rank's gᵀx reduce-scattered to the partition's owner
-    gives one process's plan of the same 4-bit model, and the sums tile the targets once."""
+    """A 4-bit base (nf4 packed in bf16, QLoRA's FSDP setting) whole on each rank under DDP, its packed
+    bytes sharded under FSDP2: each rank's gᵀx reduce-scattered to the owner of its partition (DDP) or
+    rows (FSDP2) gives one process's plan of the same model, and the sums tile the targets once."""
     from gora_dist.pipeline.sharded import estimate_plan
 
-    one = estimate_plan(load_quantized(str(out_dir / "quantized_model")), lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH),
-                        CONFIG, engine="local")
+    one = estimate_plan(load_quantized(str(out_dir / "quantized_model"), storage=torch.bfloat16),
+                        lm_batches(GRAD_STEPS, batch_size=GLOBAL_BATCH), CONFIG, engine="local")
     assert all(fact["quantized_rank_map"] == one.rank_map for fact in facts)
     tensors = load_file(out_dir / "quantized_plan" / "adapter_model.safetensors")
     for name, lora_b in one.lora_b.items():

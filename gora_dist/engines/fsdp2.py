@@ -24,10 +24,12 @@ import torch.nn as nn
 
 from gora_dist.comm.reduce import owned_mean
 from gora_dist.engines.accumulator import gradients_only_for, target_weight_names
-from gora_dist.engines.base import refuse_quantized
+from gora_dist.engines.base import refuse_quantized, split_quantized
+from gora_dist.engines.output_tap import OutputTaps
 from gora_dist.method.shards import FlatShard
 from gora_dist.model.devices import to_device
 from gora_dist.model.loss import batch_loss
+from gora_dist.model.quantized import BNB_4BIT, dequantized_weight, linear_shape, quantized_kind
 from gora_dist.model.targets import find_target_modules, transformer_blocks
 
 
@@ -94,10 +96,12 @@ class FSDP2Engine:
 
         self.model = model
         self.targets = find_target_modules(model, target_modules)
-        refuse_quantized(self.targets, "FSDP2", "GoRA does not read FSDP2-sharded packed weights yet")
+        dense, self._quantized = split_quantized(self.targets)
+        refuse_quantized({n: m for n, m in self._quantized.items() if quantized_kind(m) != BNB_4BIT}, "FSDP2",
+                         "an 8-bit layer keeps its scales beside the weight, which FSDP2 would not shard with it")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(gradients_only_for(model, target_weight_names(self.targets)))
+        self._stack.enter_context(gradients_only_for(model, target_weight_names(dense)))
         if isinstance(model, FSDPModule):
             if shard_modules is not None or fsdp_kwargs:
                 raise ValueError("the model is already fully_shard-ed: shard_modules and fully_shard arguments "
@@ -106,12 +110,34 @@ class FSDP2Engine:
         else:
             self.mesh = mesh or init_device_mesh(self.device.type, (dist.get_world_size(),))
             fully_shard_model(model, shard_modules, mesh=self.mesh, **fsdp_kwargs)
-        self._shards = {name: self._row_shard(name, module.weight) for name, module in self.targets.items()}
+        self._shards = {name: self._row_shard(name, module.weight) for name, module in dense.items()}
+        self._shards.update({name: self._tapped_rows(name, module) for name, module in self._quantized.items()})
         self._add = None
         self._missed = set()
         self._hooked = set()  # ids of unsharded weights that carry our hook (FSDP2 keeps one per weight)
-        for name, module in self.targets.items():
+        for name, module in dense.items():
             self._stack.callback(module.register_forward_pre_hook(self._watch(name)).remove)
+        if self._quantized:
+            self._stack.callback(OutputTaps(model, self._quantized, self._reduce_tapped).close)
+
+    def _tapped_rows(self, name: str, module: nn.Module) -> FlatShard:
+        """The rows of a quantised target's Ḡ this rank owns: the even row split FSDP2 gives a dense
+        weight (the packed 4-bit buffer is sharded as bytes, unrelated to rows)."""
+        rows, cols = linear_shape(module)
+        if rows < self.mesh.size():
+            raise ValueError(f"{name}: a quantised layer with {rows} output rows cannot give each of "
+                             f"{self.mesh.size()} FSDP2 ranks a row of its gradient")
+        chunk = -(-rows // self.mesh.size())
+        first = min(self.mesh.get_local_rank() * chunk, rows)
+        return FlatShard.row_block(first, min(chunk, rows - first), rows, cols)
+
+    def _reduce_tapped(self, name: str, grad: torch.Tensor) -> None:
+        """A quantised target's full local gᵀx: this rank's rows of the rank mean, at once."""
+        shard = self._shards[name]
+        chunk = -(-shard.rows // self.mesh.size())
+        owned = owned_mean(grad, chunk * shard.cols, shard.numel, group=self.mesh.get_group())
+        if self._add is not None:
+            self._add(name, owned)
 
     def _watch(self, name: str):
         """Before the layer's forward, FSDP2 has put its unsharded weight in place: hook it once."""
@@ -152,6 +178,10 @@ class FSDP2Engine:
         return self._shards[name]
 
     def local_weight(self, name: str) -> torch.Tensor:
+        if name in self._quantized:  # the packed layer gathered (4 bits a weight), dequantised, this rank's rows
+            module, shard = self._quantized[name], self._shards[name]
+            packed = module.weight.full_tensor() if hasattr(module.weight, "device_mesh") else module.weight
+            return dequantized_weight(module, packed).reshape(-1)[shard.start:shard.stop].clone()
         return self.targets[name].weight.to_local().detach().reshape(-1)
 
     def loss(self, batch, loss_fn, where: str) -> torch.Tensor:

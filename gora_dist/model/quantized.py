@@ -57,7 +57,7 @@ def unreadable_reason(name: str, module: nn.Module) -> Optional[str]:
     plain float ``nn.Linear`` or a bitsandbytes layer it reads. Names the layer, its type and what to do."""
     kind = quantized_kind(module)
     if kind == BNB_4BIT:
-        state = getattr(module.weight, "quant_state", None)
+        state = quant_state(module)
         if state is None:
             return f"{name}: a bitsandbytes Linear4bit whose weight is not quantised yet (no quant_state); load the " \
                    "model with its BitsAndBytesConfig (or move it to its device) before GoRA"
@@ -84,6 +84,13 @@ def unreadable_reason(name: str, module: nn.Module) -> Optional[str]:
     return None
 
 
+def quant_state(module: nn.Module):
+    """A 4-bit layer's quantisation state: on its weight, or (an FSDP2 shard, which loses the weight's
+    attributes) on the module, where bitsandbytes keeps a copy."""
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
+
+
 def linear_shape(module: nn.Module) -> Tuple[int, int]:
     """(out, in) of a linear layer, quantised or not (a packed weight's shape is not the layer's)."""
     if is_quantized(module):
@@ -92,15 +99,19 @@ def linear_shape(module: nn.Module) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
+def dequantized_weight(module: nn.Module, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W (out, in) in float32, one layer at a time: a bitsandbytes layer's weight dequantised, a plain
-    layer's weight as it is. The caller frees it before the next layer's."""
+    layer's weight as it is. The caller frees it before the next layer's. packed: the 4-bit buffer
+    when the module's own weight is not it (an FSDP2 shard: pass the gathered buffer); the quant
+    state is then the module's (bitsandbytes keeps it there for such cases)."""
     kind = quantized_kind(module)
     weight = module.weight
     if kind == BNB_4BIT:
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float().reshape(linear_shape(module))
+        state = quant_state(module)
+        data = weight.data if packed is None else packed.detach()
+        return bnb_functional.dequantize_4bit(data, state).float().reshape(linear_shape(module))
     if kind == BNB_8BIT and weight.dtype == torch.int8:
         scales = getattr(weight, "SCB", None)
         if scales is None:

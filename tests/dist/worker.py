@@ -115,11 +115,11 @@ def main():
 
     facts["losses"], facts["base_unchanged"], facts["adapter_checksum"] = train(engine, model, plan, rank, world)
     quantized_folder = os.path.join(out_dir, "quantized_model")
-    if engine == "ddp" and os.path.isdir(quantized_folder):  # a 4-bit base, whole on each rank (QLoRA under DDP)
+    if os.path.isdir(quantized_folder):  # a 4-bit base: whole on each rank (DDP) or its packed bytes sharded (FSDP2)
         from conftest import load_quantized
 
-        quantized = estimate_plan(load_quantized(quantized_folder), rank_batches(rank, world, mode), CONFIG,
-                                  engine="ddp", timeout_s=timeout_s)
+        quantized = estimate_plan(load_quantized(quantized_folder, storage=torch.bfloat16), rank_batches(rank, world, mode),
+                                  CONFIG, engine=engine, timeout_s=timeout_s)
         facts["quantized_rank_map"] = quantized.rank_map
         facts["quantized_held_elements"] = quantized.report.accumulator_elements
         if rank == 0:
