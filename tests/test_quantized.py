@@ -289,7 +289,7 @@ def test_the_launcher_trains_a_4bit_base_and_plans_it_as_its_dense_twin(tmp_path
 
 @pytest.mark.parametrize("options, message", [
     (["--quantization", "q3"], r"quantization='q3' is not one of \['none', 'nf4', 'fp4', 'int8'\]"),
-    (["--quantization", "nf4", "--engine", "fsdp2"], "quantization=nf4 with engine=fsdp2: each rank holds the whole"),
+    (["--quantization", "nf4", "--engine", "fsdp2"], "quantization=nf4 with engine=fsdp2: the launcher loads a quantised model whole"),
     (["--quantization", "int8", "--quant-storage", "bf16"], "quant_storage='bf16' is for 4-bit weights"),
     (["--quantization", "nf4", "--model", "tiny-llama"], "the tiny test models are built, not loaded"),
 ])
@@ -299,3 +299,17 @@ def test_the_launcher_refuses_what_a_quantised_base_cannot_do(tmp_path, options,
     with pytest.raises(ValueError, match=message):
         main(["--task", "sft", "--data", "asdiv", "--output-dir", str(tmp_path / "out")] + options)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zero3_run_of_a_4bit_model_loaded_whole_estimates_it_as_ddp_would(folder, monkeypatch):
+    # transformers loads a quantised model outside zero.Init (QLoRA + ZeRO-3): nothing is partitioned,
+    # so the Trainer integration estimates without ZeRO-3 (DDP at several ranks, local at one)
+    import gora_dist.integrations.run_plan as run_plan
+
+    monkeypatch.setattr(run_plan, "zero3_config", lambda args: {"zero_optimization": {"stage": 3}})
+    monkeypatch.setattr(run_plan, "fsdp_version", lambda args, accelerator: None)
+    monkeypatch.setattr(run_plan, "on_cpu", lambda args, accelerator: True)
+    monkeypatch.setattr(run_plan, "rank_and_world", lambda: (0, 2))
+    assert run_plan.run_engine(load_quantized(folder), args=None, accelerator=None) == ("ddp", {})
+    dense = dequantized_twin(load_quantized(folder), folder)
+    assert run_plan.run_engine(dense, args=None, accelerator=None)[0] == "zero3"

@@ -16,6 +16,7 @@ from gora_dist.config import GoRAConfig
 from gora_dist.engines.choice import choose_engine
 from gora_dist.integrations.run_sharding import fsdp_version, on_cpu, shard_fsdp2, zero3_config
 from gora_dist.model.adapter_io import load_plan
+from gora_dist.model.quantized import is_quantized
 from gora_dist.report import GoRAPlan
 
 
@@ -32,7 +33,12 @@ def run_engine(model: nn.Module, *, args, accelerator, engine: str = "auto") -> 
     if engine != "auto":
         return engine, {}
     ds_config = zero3_config(args)
-    zero3 = ds_config is not None or any(hasattr(p, "ds_id") for p in model.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    zero3 = ds_config is not None or partitioned
+    if zero3 and not partitioned and any(is_quantized(module) for module in model.modules()):
+        # transformers loads a quantised model whole on every rank, outside zero.Init (QLoRA + ZeRO-3):
+        # GoRA estimates it as DDP would, and DeepSpeed partitions it for training afterwards
+        zero3, ds_config = False, None
     engine, warning = choose_engine(zero3=zero3, fsdp=fsdp_version(args, accelerator), world=rank_and_world()[1],
                                     cpu=on_cpu(args, accelerator))
     if warning:

@@ -30,8 +30,9 @@ def quantization_refusal(quantization: str, quant_storage: str, engine: str, tas
     if quant_storage != "uint8" and quantization == "int8":
         return f"quant_storage={quant_storage!r} is for 4-bit weights (nf4, fp4); int8 stores int8"
     if engine not in QUANTIZED_ENGINES:
-        return (f"quantization={quantization} with engine={engine}: each rank holds the whole quantised model, so "
-                "GoRA estimates and trains it under ddp (several processes) or local; pass --engine ddp")
+        return (f"quantization={quantization} with engine={engine}: the launcher loads a quantised model whole on "
+                "each rank (bitsandbytes quantises as it loads; the sharded loaders read rows of float files), so it "
+                "runs under ddp (several processes) or local; pass --engine ddp")
     if task == "seq-cls":
         return "quantization is for causal LMs (task causal-lm or sft): a new classification head would be quantised too"
     if model in ("tiny-llama", "tiny-bert"):
