@@ -51,7 +51,7 @@ from gora_dist.launcher.training import greedy_generate  # noqa: E402
 from adapter_methods import adapter_ranks, methods, trainable_parameters  # noqa: E402
 from protocol import RunLog, best_rate, environment, train_step  # noqa: E402
 from quality_sft_report import write_results, write_timing  # noqa: E402
-from quality_sft_setting import METHOD_SETTING, METHODS, QUICK, TIMING, Setting  # noqa: E402
+from quality_sft_setting import METHOD_SETTING, METHODS, QLORA_METHODS, QUICK, TIMING, Setting  # noqa: E402
 from gora_dist.launcher.optimization import make_optimizer  # noqa: E402
 
 
@@ -210,8 +210,15 @@ def main(argv=None) -> int:
                         help="comma-separated subset of the finals' seeds to run here (two processes can split a "
                              "method's seeds); the first of the setting's seeds stays the probed one")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quantization", choices=("none", "nf4"), default="none",
+                        help="nf4: the protocol on a 4-bit base (QLoRA), methods " + ", ".join(QLORA_METHODS)
+                             + " unless --methods; results in quality_sft_nf4_cpu.*")
     args = parser.parse_args(argv)
     setting = Setting(**QUICK) if args.quick else Setting(**TIMING) if args.timing else Setting()
+    if args.quantization != "none":
+        if args.quick:
+            parser.error("--quantization: the quick mode's tiny Llama is built, not loaded, so it cannot be quantised")
+        setting.quantization, setting.methods = args.quantization, list(QLORA_METHODS)
     if args.methods:
         chosen = [m.strip() for m in args.methods.split(",")]
         unknown = [m for m in chosen if m not in METHODS]
@@ -237,12 +244,20 @@ def main(argv=None) -> int:
     out = args.out or (os.path.join("runs", "quality_sft_quick") if args.quick else os.path.join(here, "results"))
     os.makedirs(out, exist_ok=True)
     tag = "quality_sft_quick" if args.quick else "quality_sft_timing_cpu" if args.timing else "quality_sft_cpu"
+    if setting.quantization != "none":
+        tag = tag.replace("quality_sft", f"quality_sft_{setting.quantization}")
     log = RunLog(os.path.join(out, f"{tag}_runs.jsonl"), args.resume,
                  ("phase", "method", "lr", "seed", "gamma", "loraplus_ratio", "weight_decay"))
 
     task, train, tune_train, val, test = load_data(setting)
     torch.manual_seed(0)
-    base = load_model(setting.model, task="sft", max_length=setting.max_length)
+    quantization = None
+    if setting.quantization != "none":
+        from gora_dist.launcher.quantization import bnb_config
+
+        quantization = bnb_config(setting.quantization, "uint8", torch.float32)
+    base = load_model(setting.model, task="sft", max_length=setting.max_length, quantization=quantization,
+                      device=torch.device("cpu"))
     commit = environment()["commit"]
 
     def recorded(spec: RunSpec, train_split, evaluation, generate: bool) -> dict:
@@ -294,7 +309,8 @@ def main(argv=None) -> int:
                        for gamma in setting.regime_gammas]
     final = final or [r for r in log.rows if r["phase"] == "final"]
     regime = regime or [r for r in log.rows if r["phase"] == "regime"]
-    command = "python benchmarks/quality_sft.py" + (" --quick" if args.quick else " --resume")
+    command = "python benchmarks/quality_sft.py" + (" --quick" if args.quick else " --resume") + (
+        f" --quantization {setting.quantization}" if setting.quantization != "none" else "")
     print(write_results(out, tag, tuning_runs, final, regime, rates, setting, env, command))
     return 0
 

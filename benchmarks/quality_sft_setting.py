@@ -43,9 +43,12 @@ class Setting:
     loraplus_ratio: float = 16.0
     regime_weight_decay: float = 5e-4
     precision: str = "bf16"
+    quantization: str = "none"  # nf4: the base loaded 4-bit by bitsandbytes (QLoRA), float32 compute under bf16 autocast
 
 
 QUICK = dict(model="tiny-llama", max_length=256, skip_long=True, train_examples=64, val_examples=16, test_examples=16, max_new_tokens=4, steps=4,
              grad_steps=2, probe_steps=(0, 1), probe_examples=8, lr_grid=(1e-3, 3e-3), lr_start=1e-3, seeds=(0,),
              regime_rates=(1e-3,), regime_gammas=(0.0, 5e-2))
+QLORA_METHODS = ("rsLoRA", "GoRA")
+"""On a 4-bit base: GoRA against its control at equal budget (rsLoRA: the same α/√r scale, no init)."""
 TIMING = dict(steps=20, probe_steps=(), test_examples=8, lr_grid=(3e-4,), lr_start=3e-4, seeds=(0,))

@@ -53,6 +53,8 @@ def _build(spec: str, task: str, labels: Sequence[str], precision: str, max_leng
     quantization: a ``BitsAndBytesConfig``, the model then loaded quantised onto ``device``."""
     dtype, head = _dtype_and_head(precision, labels)
     if spec in TINY_MODELS:
+        if quantization is not None:
+            raise ValueError(f"model={spec!r} is built from a config, not loaded: it cannot be quantised on load")
         _check_tiny(spec, task)
         return _tiny_model(spec, head, max_length).to(dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
