@@ -127,9 +127,7 @@ class FSDP2Engine:
         if rows < self.mesh.size():
             raise ValueError(f"{name}: a quantised layer with {rows} output rows cannot give each of "
                              f"{self.mesh.size()} FSDP2 ranks a row of its gradient")
-        chunk = -(-rows // self.mesh.size())
-        first = min(self.mesh.get_local_rank() * chunk, rows)
-        return FlatShard.row_block(first, min(chunk, rows - first), rows, cols)
+        return FlatShard.even_rows(self.mesh.get_local_rank(), self.mesh.size(), rows, cols)
 
     def _reduce_tapped(self, name: str, grad: torch.Tensor) -> None:
         """A quantised target's full local gᵀx: this rank's rows of the rank mean, at once."""
@@ -167,12 +165,11 @@ class FSDP2Engine:
         if tuple(weight.placements) != (Shard(0),):
             raise ValueError(f"{name}: FSDP2 placement {weight.placements} is not supported; GoRA needs Shard(0)")
         rows, cols = weight.shape
-        chunk = -(-rows // self.mesh.size())
-        first = min(self.mesh.get_local_rank() * chunk, rows)
+        expected = FlatShard.even_rows(self.mesh.get_local_rank(), self.mesh.size(), rows, cols)
         local_rows = weight.to_local().shape[0]
-        if first + local_rows > rows or local_rows != min(chunk, rows - first):
+        if local_rows * cols != expected.numel:
             raise ValueError(f"{name}: local shard of {local_rows} rows does not follow FSDP2's even row split")
-        return FlatShard.row_block(first, local_rows, rows, cols)
+        return expected
 
     def shard(self, name: str) -> FlatShard:
         return self._shards[name]

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from gora_dist.launcher.model_sources import TINY_MODELS
+
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 QUANT_STORAGES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZED_ENGINES = ("auto", "local", "ddp")
@@ -35,7 +37,7 @@ def quantization_refusal(quantization: str, quant_storage: str, engine: str, tas
                 "runs under ddp (several processes) or local; pass --engine ddp")
     if task == "seq-cls":
         return "quantization is for causal LMs (task causal-lm or sft): a new classification head would be quantised too"
-    if model in ("tiny-llama", "tiny-bert"):
+    if model in TINY_MODELS:
         return f"quantization with model={model!r}: the tiny test models are built, not loaded; save one to a folder"
     return None
 

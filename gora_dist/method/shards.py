@@ -44,6 +44,13 @@ class FlatShard:
         return cls(first_row * cols, (first_row + row_count) * cols, rows, cols)
 
     @classmethod
+    def even_rows(cls, rank: int, world_size: int, rows: int, cols: int) -> "FlatShard":
+        """FSDP2's Shard(0) split: blocks of ceil(rows / world) whole rows, the last ones shorter or empty."""
+        chunk = -(-rows // world_size)
+        first = min(rank * chunk, rows)
+        return cls.row_block(first, min(chunk, rows - first), rows, cols)
+
+    @classmethod
     def even_partition(cls, rank: int, world_size: int, rows: int, cols: int) -> "FlatShard":
         """DeepSpeed ZeRO-3's split: chunks of ceil(numel / world) elements, the last ones shorter or empty."""
         numel = rows * cols
